@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment for one of the project's two supported stacks and print its path.
+#
+#   scripts/env.sh latest    newest trl / transformers / peft, with DeepSpeed and bitsandbytes (the default stack)
+#   scripts/env.sh axolotl   Axolotl 0.19.0 and its exact pins (trl 1.9.0, transformers 5.16.1, peft 0.20.0)
+#
+# Environments are cached under $LIFEALIGN_ENV_ROOT (default ~/.cache/trl-lifealign/envs), keyed by a hash of
+# everything that decides their content, so a second call is instant and an edited dependency list rebuilds.
+# torch==2.13.0 is installed first: any other torch spec would pull gigabytes of CUDA wheels on a CPU machine.
+set -euo pipefail
+stack="${1:-latest}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+root="${LIFEALIGN_ENV_ROOT:-$HOME/.cache/trl-lifealign/envs}"
+python="${PYTHON:-python3}"
+case "$stack" in
+  latest)  extras="test,eval,deepspeed,bitsandbytes" ;;
+  axolotl) extras="test,eval" ;;
+  *) echo "env.sh: unknown stack '$stack' (expected 'latest' or 'axolotl')" >&2; exit 2 ;;
+esac
+constraints="$repo/scripts/constraints-$stack.txt"
+key="$( (cat "$repo/pyproject.toml" "$constraints"; echo "$stack $extras"; "$python" --version) | sha256sum | cut -c1-12)"
+venv="$root/$stack-$key"
+if [ ! -f "$venv/.complete" ]; then
+  rm -rf "$venv"; mkdir -p "$root"
+  echo "[env] building the '$stack' environment in $venv (first time only)" >&2
+  "$python" -m venv "$venv"
+  # The local package mirrors print one harmless "is ignored" warning per package: keep the log readable.
+  pip() {
+    "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; } >&2
+    return "${PIPESTATUS[0]}"
+  }
+  pip install -U pip
+  if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then pip install "torch==2.13.0"; fi
+  if [ "$stack" = axolotl ]; then
+    # Axolotl pulls its own exact pins; our package must resolve beside them.
+    pip install -c "$constraints" "torch==2.13.0" "axolotl==0.19.0"
+  fi
+  pip install -c "$constraints" "torch==2.13.0" -e "$repo[$extras]"
+  touch "$venv/.complete"
+fi
+# An editable install records the checkout it was made from; re-point it when the cache is shared by clones.
+if ! "$venv/bin/python" -c "import trl_lifealign, pathlib, sys; sys.exit(0 if pathlib.Path(trl_lifealign.__file__).resolve().is_relative_to(pathlib.Path('$repo').resolve()) else 1)" 2>/dev/null; then
+  "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e "$repo" >&2
+fi
+echo "$venv"

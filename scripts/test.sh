@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: builds (or reuses) both supported stacks, then runs
+#   - the 'latest' stack (newest trl/transformers/peft + DeepSpeed + bitsandbytes): every test but the Axolotl ones;
+#   - the 'axolotl' stack (Axolotl 0.19.0 with trl 1.9.0 pins): the core tests again, plus the Axolotl tests.
+# Extra arguments go to pytest in both stacks (e.g. `scripts/test.sh -k fpo -x`).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+latest="$(bash scripts/env.sh latest)"
+axolotl="$(bash scripts/env.sh axolotl)"
+status=0
+echo "=== stack: latest ($("$latest/bin/python" -c 'import trl, transformers, peft; print(f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"
+LIFEALIGN_STACK=latest "$latest/bin/python" -m pytest -m "not axolotl" "$@" || status=$?
+echo "=== stack: axolotl ($("$axolotl/bin/python" -c 'import trl, transformers, peft; print(f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"
+LIFEALIGN_STACK=axolotl "$axolotl/bin/python" -m pytest -m "not deepspeed and not bnb" "$@" || status=$?
+exit $status
