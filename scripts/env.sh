@@ -38,8 +38,11 @@ if [ ! -f "$venv/.complete" ]; then
   pip install -c "$constraints" "torch==2.13.0" -e "$repo[$extras]"
   touch "$venv/.complete"
 fi
-# An editable install records the checkout it was made from; re-point it when the cache is shared by clones.
-if ! "$venv/bin/python" -c "import trl_lifealign, pathlib, sys; sys.exit(0 if pathlib.Path(trl_lifealign.__file__).resolve().is_relative_to(pathlib.Path('$repo').resolve()) else 1)" 2>/dev/null; then
-  "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e "$repo" >&2
+# An editable install records the checkout it was made from and the packages it found: re-point it when the cache is
+# shared by several clones or a top-level package appeared since (otherwise the new one imports as an empty namespace).
+stamp="$repo $(cd "$repo" && ls -d */__init__.py 2>/dev/null | tr '\n' ' ')"
+if [ "$(cat "$venv/.editable-stamp" 2>/dev/null)" != "$stamp" ]; then
+  "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e "$repo" 2>&1 | { grep -v "is ignored: it is neither" || true; } >&2
+  echo "$stamp" > "$venv/.editable-stamp"
 fi
 echo "$venv"

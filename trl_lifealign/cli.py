@@ -1,9 +1,9 @@
 """The ``lifealign`` command line (also ``python -m trl_lifealign``).
 
 Each sub-command lives beside the code it drives; a module listed in ``COMMAND_MODULES`` exposes
-``add_commands(subparsers)`` and registers its parsers with ``set_defaults(func=...)``. A module whose optional
-dependencies are missing (e.g. the Axolotl chain without Axolotl) still registers its command and fails, when run,
-with a message saying what to install.
+``add_commands(subparsers)`` and registers its parsers with ``set_defaults(func=...)``. Command modules keep their
+heavy and optional imports inside the command functions: a command whose optional dependencies are missing (e.g. the
+Axolotl chain without Axolotl) is still listed and fails, when run, with a message saying what to install.
 """
 
 from __future__ import annotations
@@ -25,14 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            # Only a module that is not written yet may be absent; a missing dependency inside it is a real error.
-            if error.name != module_name:
-                raise
-            continue
-        module.add_commands(subparsers)
+        importlib.import_module(module_name).add_commands(subparsers)
     return parser
 
 

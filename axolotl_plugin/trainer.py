@@ -1,0 +1,120 @@
+"""`AxolotlFPOTrainer`: Axolotl's DPO trainer with the FPO loss, continuing from the previous stage's adapter.
+
+Axolotl resolves this class through the YAML key `trainer_cls` (the plugin's `register` sets it), which keeps the
+model and reference in the constructor call. The FPO loss comes from `trl_lifealign.fpo.FPOTrainer` by inheritance;
+Axolotl's mixins (optimizers, schedulers, RNG state, double-BOS fix) come from `AxolotlDPOTrainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
+from axolotl.integrations.base import PluginManager
+
+from trl_lifealign.fpo import FPOTrainer
+
+from .args import PLUGIN_PATH, TRAINER_PATH
+
+START_ADAPTER_FILE = "lifealign_start_adapter.json"
+# LoRA settings that must agree between the YAML and the adapter a stage continues from.
+_LORA_FIELDS_THAT_MUST_MATCH = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
+
+
+def _lifealign_plugin_registered() -> bool:
+    from . import LifeAlignPlugin
+
+    return any(isinstance(plugin, LifeAlignPlugin) for plugin in PluginManager.get_instance().plugins.values())
+
+
+def _check_same_lora(yaml_config, saved_config, previous: str) -> None:
+    """Refuse to continue from an adapter whose shape or targets differ from the stage's LoRA settings."""
+    if yaml_config is None:
+        return
+    differences = []
+    for name in _LORA_FIELDS_THAT_MUST_MATCH:
+        ours, theirs = getattr(yaml_config, name, None), getattr(saved_config, name, None)
+        if isinstance(ours, (set, list, tuple)) and isinstance(theirs, (set, list, tuple)):
+            ours, theirs = sorted(ours), sorted(theirs)
+        if ours != theirs:
+            differences.append(f"{name}: YAML {ours!r} vs saved {theirs!r}")
+    if differences:
+        raise ValueError(
+            f"the LoRA settings of this stage differ from the adapter in lifealign_previous_adapter={previous!r} "
+            f"({'; '.join(differences)}): every stage of a chain must use the same LoRA layout"
+        )
+
+
+class AxolotlFPOTrainer(FPOTrainer, AxolotlDPOTrainer):
+    """Axolotl DPO trainer whose loss is FPO; starts from `args.lifealign_previous_adapter` when it is set.
+
+    Reference (`args.lifealign_reference`): `"base"` (default, as in LifeAlign) computes it with adapters disabled;
+    `"previous_task"` keeps TRL's frozen `"ref"` copy of the adapter as loaded at the start of the stage.
+    """
+
+    def __init__(self, model, ref_model=None, *args: Any, **kwargs: Any):
+        if not _lifealign_plugin_registered():
+            raise RuntimeError(
+                f"trainer_cls is {TRAINER_PATH} but the LifeAlign plugin is not registered, so its lifealign_* keys "
+                f"were dropped by Axolotl. Add `plugins: [{PLUGIN_PATH}]` to the YAML; if it is listed, Axolotl "
+                "could not import it: see the 'Failed to load plugin' traceback above (a misspelled path?)."
+            )
+        training_args = kwargs.get("args")
+        previous = getattr(training_args, "lifealign_previous_adapter", None)
+        reference = getattr(training_args, "lifealign_reference", "base")
+        if reference not in ("base", "previous_task"):
+            raise ValueError(f"lifealign_reference must be 'base' or 'previous_task', got {reference!r}")
+        if previous:
+            model = self._load_previous_adapter(model, previous, kwargs.get("peft_config"))
+            kwargs["peft_config"] = None  # TRL would otherwise wrap a second, fresh adapter
+        super().__init__(model, ref_model, *args, **kwargs)
+        if previous and reference == "base" and "ref" in getattr(self.model, "peft_config", {}):
+            # TRL copied the loaded adapter into a frozen "ref" adapter; without it the reference is the base model.
+            self.model.delete_adapter("ref")
+            self.model.set_adapter("default")
+        if previous:
+            self._record_start_adapter(previous)
+
+    def _record_start_adapter(self, previous: str) -> None:
+        """Write `<output_dir>/lifealign_start_adapter.json`: per-tensor sum and norm of the adapter as loaded.
+
+        Read back from the model's parameters (not the file), so it shows what this stage really starts from; the
+        chain and the tests compare it with the previous stage's saved (consolidated) adapter.
+        """
+        stats = {}
+        for name, param in self.model.named_parameters():
+            if ".default." not in name or "lora_" not in name:
+                continue
+            if getattr(param, "ds_numel", None) is not None and param.numel() == 0:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param]):  # collective: every rank takes part
+                    values = param.detach().double().cpu()
+            else:
+                values = param.detach().double().cpu()
+            stats[name.replace(".default.", ".")] = [values.sum().item(), values.norm().item()]
+        if not self.accelerator.is_main_process:
+            return
+        record = {"previous_adapter": str(Path(previous).resolve()), "tensors": stats}
+        directory = Path(self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary = directory / f".{START_ADAPTER_FILE}.tmp"
+        temporary.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(temporary, directory / START_ADAPTER_FILE)
+
+    @staticmethod
+    def _load_previous_adapter(model, previous: str, yaml_peft_config):
+        from peft import PeftConfig, PeftModel
+
+        if not (Path(previous) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"lifealign_previous_adapter={previous!r} holds no adapter_config.json")
+        if hasattr(model, "peft_config"):
+            raise ValueError(
+                "the model already carries a PEFT adapter (lora_model_dir?); lifealign_previous_adapter loads the "
+                "previous stage's adapter itself"
+            )
+        _check_same_lora(yaml_peft_config, PeftConfig.from_pretrained(previous), previous)
+        return PeftModel.from_pretrained(model, previous, is_trainable=True)
