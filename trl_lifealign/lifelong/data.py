@@ -1,0 +1,232 @@
+"""Preference data for lifelong runs: where it comes from (`DataSource`), loading and record-by-record validation.
+
+A preference record is `{"prompt", "chosen", "rejected"}`, each either a non-empty string (standard format) or a list
+of `{"role", "content"}` messages (conversational format, as TRL accepts). Every record is checked; a bad one raises
+`BadRecordError` naming the file (or dataset) and the 0-based row, unless the caller asks to skip bad rows, in which
+case it is dropped and counted by reason in `PreferenceData.skipped`.
+
+Real preference data has quirks this module handles explicitly (see `DataSource`):
+- empty `chosen` / `rejected` strings and pairs whose `chosen` equals `rejected` (bad rows: error or skip);
+- responses that start with the speaker tag `"Assistant:"` (hh-rlhf): `strip_response_prefix` removes it, otherwise
+  the tag becomes part of the learned response;
+- a `rejected` field holding several wrong answers joined by `";"` (TruthfulQA): `rejected_separator` expands the
+  record into one pair per wrong answer;
+- repeated prompts: kept (they are legitimate pairs) and counted in `PreferenceData.duplicate_prompts`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+class BadRecordError(ValueError):
+    """A preference record that cannot be trained on; the message names the origin (file/dataset) and the row."""
+
+
+@dataclass
+class DataSource:
+    """Where a preference dataset comes from.
+
+    Exactly one of `path` (a local `.json` list / `.jsonl` / `.parquet` file) and `dataset` (a Hugging Face dataset
+    name, or a local dataset folder, loaded with `datasets.load_dataset(dataset, dataset_config, split=split)`)
+    must be given.
+
+    Example: the LifeAlign files use `query`/`chosen`/`rejected`:
+    `DataSource(path="hh-rlhf-helpful-base/train.json", columns={"query": "prompt"}, strip_response_prefix="Assistant:")`.
+    """
+
+    path: str | None = field(default=None, metadata={"help": "Local .json (list of objects), .jsonl or .parquet file."})
+    dataset: str | None = field(default=None, metadata={"help": "Hugging Face dataset name (or local dataset dir)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
+    split: str = field(default="train", metadata={"help": "Split to load from `dataset` (ignored for files)."})
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Rename source columns to prompt/chosen/rejected, e.g. {'query': 'prompt'}."},
+    )
+    limit: int | None = field(default=None, metadata={"help": "Keep only the first `limit` valid rows (None: all)."})
+    strip_response_prefix: str | None = field(
+        default=None,
+        metadata={"help": "Remove this prefix (e.g. 'Assistant:') and the following spaces from string responses."},
+    )
+    rejected_separator: str | None = field(
+        default=None,
+        metadata={"help": "Split string `rejected` on this separator (e.g. ';') into one pair per rejected answer."},
+    )
+
+    def __post_init__(self):
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError(f"DataSource needs exactly one of 'path' or 'dataset' (got path={self.path!r}, "
+                             f"dataset={self.dataset!r})")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"DataSource.limit must be a positive integer or None, got {self.limit!r}")
+        for target in self.columns.values():
+            if target not in FIELDS:
+                raise ValueError(f"DataSource.columns maps to {target!r}; targets must be one of {list(FIELDS)}")
+
+    @property
+    def origin(self) -> str:
+        """A human-readable name of the source, used in error messages and reports."""
+        if self.path is not None:
+            return str(self.path)
+        config = f"/{self.dataset_config}" if self.dataset_config else ""
+        return f"{self.dataset}{config}[{self.split}]"
+
+
+@dataclass
+class PreferenceData:
+    """Validated preference rows plus what validation found."""
+
+    rows: list[dict[str, Any]]
+    origin: str
+    total_rows: int
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    duplicate_prompts: int = 0
+    expanded_pairs: int = 0  # extra pairs created by `rejected_separator`
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for the run report."""
+        return {"origin": self.origin, "rows_read": self.total_rows, "rows_used": len(self.rows),
+                "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
+                "duplicate_prompts": self.duplicate_prompts, "expanded_pairs": self.expanded_pairs}
+
+
+def _read_raw_rows(source: DataSource) -> list[Any]:
+    if source.path is not None:
+        path = Path(source.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"preference data file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            with open(path, encoding="utf-8") as handle:
+                try:
+                    data = json.load(handle)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: not valid JSON ({error}); JSON Lines files must end in .jsonl") from error
+            if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+                data = next(iter(data.values()))  # {"train": [...]} style
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+            return data
+        if suffix == ".jsonl":
+            rows = []
+            with open(path, encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path} line {line_number}: not valid JSON ({error})") from error
+            return rows
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
+    import datasets
+
+    loaded = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split)
+    return list(loaded)
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def _check_value(name: str, value: Any) -> str | None:
+    """Return the reason `value` is not a usable prompt/chosen/rejected, or None if it is."""
+    if value is None:
+        return f"field '{name}' is missing"
+    if isinstance(value, str):
+        return f"field '{name}' is empty" if not value.strip() else None
+    if _is_messages(value):
+        if not value:
+            return f"field '{name}' is an empty message list"
+        for index, message in enumerate(value):
+            if set(message) - {"role", "content"} or "role" not in message or "content" not in message:
+                return f"field '{name}' message {index} must have exactly 'role' and 'content' keys"
+            if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+                return f"field '{name}' message {index}: role and content must be strings"
+            if not message["content"].strip():
+                return f"field '{name}' message {index} has empty content"
+        return None
+    return f"field '{name}' must be a string or a list of messages, got {type(value).__name__}"
+
+
+def _strip_prefix(text: str, prefix: str) -> str:
+    stripped = text.lstrip()
+    return stripped[len(prefix):].lstrip() if stripped.startswith(prefix) else text
+
+
+def load_preference_data(source: DataSource, skip_bad_rows: bool = False) -> PreferenceData:
+    """Load and validate the preference records of `source`.
+
+    Args:
+        source: where the data is and how its columns map to prompt/chosen/rejected.
+        skip_bad_rows: drop invalid records (counted by reason in the result) instead of raising.
+
+    Raises:
+        BadRecordError: on the first invalid record (missing or empty field, non-string value, chosen identical to
+            rejected), naming `source.origin` and the 0-based row, unless `skip_bad_rows`.
+    """
+    raw_rows = _read_raw_rows(source)
+    rows: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    expanded = 0
+
+    accepted_prompts: list[str] = []
+
+    def bad(row_index: int, reason: str) -> None:
+        if not skip_bad_rows:
+            raise BadRecordError(f"{source.origin} row {row_index}: {reason} (set skip_bad_rows to skip such rows)")
+        skipped[reason] += 1
+
+    for row_index, raw in enumerate(raw_rows):
+        if source.limit is not None and len(rows) >= source.limit:
+            break
+        if not isinstance(raw, dict):
+            bad(row_index, f"record must be an object, got {type(raw).__name__}")
+            continue
+        record = {source.columns.get(key, key): value for key, value in raw.items()}
+        reasons = [r for r in (_check_value(name, record.get(name)) for name in FIELDS) if r]
+        if reasons:
+            bad(row_index, reasons[0])
+            continue
+        prompt, chosen, rejected = (record[name] for name in FIELDS)
+        if isinstance(chosen, str) != isinstance(rejected, str):
+            bad(row_index, "chosen and rejected must both be strings or both be message lists")
+            continue
+        if source.strip_response_prefix and isinstance(chosen, str):
+            chosen = _strip_prefix(chosen, source.strip_response_prefix)
+            rejected = _strip_prefix(rejected, source.strip_response_prefix)
+            if not chosen.strip() or not rejected.strip():
+                bad(row_index, f"a response is empty after removing the prefix {source.strip_response_prefix!r}")
+                continue
+        rejected_list = [rejected]
+        if source.rejected_separator and isinstance(rejected, str):
+            rejected_list = [part.strip() for part in rejected.split(source.rejected_separator) if part.strip()]
+            if not rejected_list:
+                bad(row_index, f"field 'rejected' is empty after splitting on {source.rejected_separator!r}")
+                continue
+        kept = [r for r in rejected_list if r != chosen]
+        if not kept:
+            bad(row_index, "chosen is identical to rejected")
+            continue
+        for rejected_item in kept:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected_item})
+        expanded += len(kept) - 1
+        accepted_prompts.append(json.dumps(prompt, sort_keys=True))
+
+    # A prompt repeated across records (not across the pairs one record was expanded into).
+    duplicates = sum(count - 1 for count in Counter(accepted_prompts).values())
+    if not rows:
+        raise BadRecordError(f"{source.origin}: no usable preference records (read {len(raw_rows)}, "
+                             f"skipped {dict(skipped)})")
+    return PreferenceData(rows=rows, origin=source.origin, total_rows=len(raw_rows), skipped=dict(skipped),
+                          duplicate_prompts=duplicates, expanded_pairs=expanded)
