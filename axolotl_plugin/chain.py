@@ -44,6 +44,8 @@ from typing import Any
 
 import yaml
 
+from trl_lifealign.atomic import atomic_write_json, sha256_file
+
 from .args import PLUGIN_PATH, TRAINER_PATH
 
 STATE_FILE = "chain_state.json"
@@ -256,14 +258,7 @@ def read_state(chain: ChainSpec) -> dict[str, Any]:
 
 def write_state(chain: ChainSpec, state: dict[str, Any]) -> None:
     """Write the state atomically (temp file in the same directory, fsync, os.replace)."""
-    chain.output_dir.mkdir(parents=True, exist_ok=True)
-    path = chain.output_dir / STATE_FILE
-    temporary = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(state, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    atomic_write_json(chain.output_dir / STATE_FILE, state, sort_keys=True)
 
 
 def memory_consolidations(memory_dir: Path) -> int:
@@ -278,14 +273,6 @@ def memory_consolidations(memory_dir: Path) -> int:
     return LongTermMemory.load(memory_dir).task_count
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_stage_outputs(directory: Path, consolidate: bool, expected_consolidations: int) -> dict[str, Any]:
     """The record of a finished stage; raise `ChainError` if its adapter or memory is incomplete."""
     missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
@@ -296,7 +283,7 @@ def _check_stage_outputs(directory: Path, consolidate: bool, expected_consolidat
     with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
         if not list(handle.keys()):
             raise ChainError(f"{directory / 'adapter_model.safetensors'} holds no tensors")
-    record: dict[str, Any] = {"adapter_sha256": _sha256(directory / "adapter_model.safetensors")}
+    record: dict[str, Any] = {"adapter_sha256": sha256_file(directory / "adapter_model.safetensors")}
     if consolidate:
         count = memory_consolidations(directory / MEMORY_SUBDIR)
         if count != expected_consolidations:

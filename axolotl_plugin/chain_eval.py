@@ -19,10 +19,10 @@ report code (Last / AP / BWT / FWT).
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
+
+from trl_lifealign.atomic import atomic_write_json
 
 REFERENCE_FILE = "chain_eval_reference.json"
 _EVAL_KEYS = {"eval_sets", "batch_size", "max_length"}
@@ -91,12 +91,6 @@ def _load_base(chain, config: dict[str, Any]):
     return model, tokenizer
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=1))
-    os.replace(temporary, path)
-
-
 def evaluate_stage(chain, index: int, config: dict[str, Any]) -> dict[str, Any]:
     """Score the adapter of stage `index` on every eval set; returns {"row": [...], "seconds": ...}."""
     from peft import PeftModel
@@ -115,7 +109,7 @@ def evaluate_stage(chain, index: int, config: dict[str, Any]) -> dict[str, Any]:
         reference = reference_logps(model, tokenizer, eval_sets, batch_size, max_length)
         initial_row = evaluate_preferences(model, tokenizer, eval_sets, reference, batch_size, max_length)
         cached = {"reference": reference, "initial_row": initial_row}
-        _atomic_json(reference_path, cached)
+        atomic_write_json(reference_path, cached, indent=1)
     missing = [s.name for s in eval_sets if s.name not in cached["reference"]]
     if missing:
         raise RuntimeError(f"{reference_path} has no π₀ log-probs for {missing}: delete it to recompute")

@@ -7,8 +7,6 @@ Axolotl's mixins (optimizers, schedulers, RNG state, double-BOS fix) come from `
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
 from axolotl.integrations.base import PluginManager
 
 from trl_lifealign.fpo import FPOTrainer
+from trl_lifealign.atomic import atomic_write_json
 
 from .args import PLUGIN_PATH, TRAINER_PATH
 
@@ -99,11 +98,7 @@ class AxolotlFPOTrainer(FPOTrainer, AxolotlDPOTrainer):
         if not self.accelerator.is_main_process:
             return
         record = {"previous_adapter": str(Path(previous).resolve()), "tensors": stats}
-        directory = Path(self.args.output_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        temporary = directory / f".{START_ADAPTER_FILE}.tmp"
-        temporary.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(temporary, directory / START_ADAPTER_FILE)
+        atomic_write_json(Path(self.args.output_dir) / START_ADAPTER_FILE, record, indent=1, sort_keys=True)
 
     @staticmethod
     def _load_previous_adapter(model, previous: str, yaml_peft_config):

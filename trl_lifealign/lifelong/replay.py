@@ -9,10 +9,11 @@ task's training data. (The official code instead keeps the *first* 20% of each t
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_json
 
 
 class ReplayBuffer:
@@ -64,11 +65,7 @@ class ReplayBuffer:
 
     def save(self, path: str | Path) -> None:
         """Write the buffer atomically (temp file + os.replace)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(self.state_dict(), handle)
-        os.replace(tmp, path)
+        atomic_write_json(path, self.state_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> ReplayBuffer:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_text
 
 from .metrics import continual_metrics
 
@@ -143,9 +144,7 @@ def write_report(run_dir: str | Path, report: dict[str, Any]) -> list[Path]:
     run_dir = Path(run_dir)
     written = []
     for name, text in ((REPORT_JSON, json.dumps(report, indent=2, default=str)), ("report.md", render_markdown(report))):
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, run_dir / name)
+        atomic_write_text(run_dir / name, text)
         written.append(run_dir / name)
     return written + plot_report(report, run_dir)
 

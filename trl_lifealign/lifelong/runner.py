@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_copytree, atomic_write_json
 from .data import PreferenceData, load_preference_data
 from .evaluation import SCORERS, EvalSet, evaluate_generation, evaluate_preferences, preference_scores, reference_logps
 from .recipe import LifelongConfig
@@ -61,23 +62,6 @@ class LifelongResult:
 
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_copytree(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
 
 
 def _set_all_seeds(seed: int) -> None:
@@ -357,7 +341,7 @@ def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: 
     completed: list[dict] = run_state["completed"]
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(run_dir / "config.json", {"fingerprint": fingerprint, **config.to_dict()})
+        atomic_write_json(run_dir / "config.json", {"fingerprint": fingerprint, **config.to_dict()}, default=str)
     state.wait_for_everyone()
 
     task_data, eval_sets, eval_summaries = _load_all_data(config)
@@ -383,7 +367,7 @@ def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: 
             raise RuntimeError(f"{ref_path} is missing but {len(completed)} task(s) are committed; cannot resume")
         reference = reference_logps(model, tokenizer, eval_sets, evaluation.batch_size, evaluation.max_length, show)
         if main:
-            _atomic_write_json(ref_path, reference)
+            atomic_write_json(ref_path, reference, default=str)
     initial_row = [preference_scores(reference[s.name], reference[s.name]) for s in eval_sets]
     scorers = [SCORERS[name]() for name in evaluation.scorers] if evaluation.generation else []
     if scorers and "initial_generation" not in run_state:
@@ -400,7 +384,7 @@ def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: 
 
         load_adapter_state(model, load_file(str(last_dir / "adapter" / "adapter_model.safetensors")))
         if main and config.memory.enabled:
-            _atomic_copytree(last_dir / "memory", memory_dir)
+            atomic_copytree(last_dir / "memory", memory_dir)
         replay = ReplayBuffer.load(last_dir / "replay.json")
         if config.optimizer == "carry":
             optimizer_state = torch.load(last_dir / "optimizer.pt", weights_only=False)
@@ -493,13 +477,13 @@ def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: 
             model.peft_config["default"].save_pretrained(str(adapter_dir))
             tokenizer.save_pretrained(str(adapter_dir))
             if memory is not None:
-                _atomic_copytree(memory_dir, task_dir / "memory")
+                atomic_copytree(memory_dir, task_dir / "memory")
             replay.save(task_dir / "replay.json")
             if config.optimizer == "carry":
                 torch.save(optimizer_state, task_dir / "optimizer.pt")
-            _atomic_write_json(task_dir / "metrics.json", task_record)
+            atomic_write_json(task_dir / "metrics.json", task_record, default=str)
             completed.append(task_record)
-            _atomic_write_json(state_path, {**run_state, "completed": completed})  # the commit point
+            atomic_write_json(state_path, {**run_state, "completed": completed}, default=str)  # the commit point
         else:
             completed.append(task_record)
         state.wait_for_everyone()

@@ -1,0 +1,88 @@
+"""Crash-safe file writes: a reader sees the old file or the new one, never a half-written one.
+
+Every write goes to a temporary file in the destination's directory (same filesystem, so the rename is atomic), is
+flushed and fsynced, then renamed over the destination with ``os.replace``. Used for run state, long-term memory,
+reports and chain state, so that killing a process at any moment loses nothing already trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory entry (a rename inside it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file + fsync + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any, **json_kwargs: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically; ``json_kwargs`` go to ``json.dumps``."""
+    json_kwargs.setdefault("indent", 2)
+    atomic_write_text(path, json.dumps(data, **json_kwargs) + "\n")
+
+
+def atomic_copytree(source: str | Path, target: str | Path) -> None:
+    """Copy directory ``source`` to ``target`` so that ``target`` appears complete or not at all.
+
+    An existing ``target`` is replaced only once the new copy is complete.
+    """
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        if target.exists():
+            retired = staging.with_name(staging.name + ".old")
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: str | Path, block_size: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
