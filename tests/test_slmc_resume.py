@@ -17,7 +17,8 @@ from trl_lifealign.slmc import LongTermMemory, MemoryConsolidationCallback, Memo
 from trl_lifealign.slmc import memory as memory_module
 
 WORKER = str(Path(__file__).resolve().parent / "_slmc_resume_worker.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+# Workers use this process's thread count: the same reduction order makes resumed and one-process runs bit-equal.
+ENV = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
 
 
 def _factors(model):
