@@ -4,13 +4,15 @@ Factors are shaped like rank-16 LoRA on all seven linear projections of Llama-3-
 heads of 128, 80 layers): 207,093,760 LoRA parameters. For each history size (1 and 5 earlier tasks) a task update is
 consolidated:
 
-- ours: the library path (``trl_lifealign.slmc``): update = current - snapshot, Gram-based energy denoising,
-  projection against the stored orthonormal basis, basis extended in place, factor = snapshot + result;
+- ours: exactly the callback's rank-0 path (``trl_lifealign.slmc.callback.consolidate_factor``): updates =
+  current - snapshot for all factors, the NaN/Inf check, then per factor Gram-based energy denoising, projection
+  against the stored orthonormal basis, basis extended in place, factor = snapshot + result;
 - naive: the paper's construction as the official code does it: ``torch.linalg.svd`` of the update for denoising,
   then an SVD of the stacked raw history at every boundary, projection on all its right singular vectors, history
   appended.
 
-Prints seconds, the ratio, and peak extra RSS (sampled every 2 ms) next to the memory size and one task update.
+Prints seconds (wall, and process CPU), the ratio, the load average, and peak extra RSS (sampled every 2 ms) next to
+the memory size and one task update.
 Naive is slow: by default it runs on ``--naive-layers`` of the 80 layers and its time is extrapolated linearly
 (every layer has the same shapes); the output says so. Pass ``--naive-layers 80`` to time it in full.
 
@@ -27,7 +29,8 @@ import time
 
 import torch
 
-from trl_lifealign.slmc import consolidate_update, denoise_by_energy
+from trl_lifealign.slmc import denoise_by_energy
+from trl_lifealign.slmc.callback import all_finite, consolidate_factor
 from trl_lifealign.slmc.memory import LongTermMemory, ModelSpec
 
 HIDDEN, MLP, KV, RANK = 8192, 28672, 1024, 16
@@ -100,12 +103,15 @@ def build_state(shapes, earlier: int, seed: int):
 
 
 def ours(snapshot, current, memory, theta, lam):
+    """The callback's rank-0 path: raw updates, the all-factors finiteness check, then ``consolidate_factor``."""
+    updates = {name: current[name] - snapshot[name] for name in current}
+    bad = [name for name, update in updates.items() if not all_finite(update)]
+    if bad:
+        raise ValueError(f"non-finite update {bad[0]}")
     for name in current:
-        update = current[name] - snapshot[name]
-        result = consolidate_update(update, memory.basis(name), theta, lam)
-        if result.new_direction is not None:
-            memory.append_direction(name, result.new_direction)
-        current[name] = snapshot[name] + result.update  # the write-back into the factor
+        # the new factor value replaces the raw update (bounded memory), then is written back into the factor
+        updates[name], _, _ = consolidate_factor(memory, name, updates[name], snapshot[name], theta, lam)
+        current[name] = updates.pop(name)
 
 
 def naive(snapshot, current, history, names, theta, lam):
@@ -133,6 +139,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()  # other jobs on the machine slow both variants alike (they run interleaved)
     shapes = factor_shapes(args.layers)
     numel = sum(a * b for a, b in shapes.values())
     update_bytes = numel * 4
@@ -142,26 +149,29 @@ def main() -> None:
     # Warm up kernels outside the timed regions.
     denoise_by_energy(torch.randn(RANK, 64), 0.9)
     torch.linalg.svd(torch.randn(RANK, 64), full_matrices=False)
-    rows = []
+    rows, cpu = [], []
     for earlier in args.earlier:
         snapshot, current, history, memory = build_state(shapes, earlier, seed=earlier)
         naive_current = dict(current)
         memory_bytes = memory.ram_bytes
         with PeakRss() as rss:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             ours(snapshot, current, memory, args.theta, args.lam)
             ours_seconds = time.perf_counter() - started
+            ours_cpu = time.process_time() - cpu_started
         ours_extra = rss.extra
         naive_names = [n for n in shapes if int(n.split(".")[2]) < args.naive_layers]
         naive_numel = sum(a * b for n in naive_names for a, b in [shapes[n]])
         with PeakRss() as rss:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             naive(snapshot, naive_current, history, naive_names, args.theta, args.lam)
             naive_measured = time.perf_counter() - started
+            naive_cpu = (time.process_time() - cpu_started) * numel / naive_numel
         naive_seconds = naive_measured * numel / naive_numel
         worst = max(
             float((current[n] - naive_current[n]).norm() / (naive_current[n] - snapshot[n]).norm()) for n in naive_names
         )
+        cpu.append((ours_cpu, naive_cpu))
         rows.append((earlier, ours_seconds, naive_seconds, naive_measured, ours_extra, memory_bytes, memory.ram_bytes,
                      update_bytes, worst, len(naive_names) == len(shapes)))
         del snapshot, current, history, memory, naive_current
@@ -175,10 +185,15 @@ def main() -> None:
         print(f"{earlier:>7} | {ours_s:7.2f} | {naive_label:>8} | {naive_s / ours_s:7.1f}x | {extra / 2**30:15.2f} GiB | "
               f"{mem_before / 2**30:7.2f}/{mem_after / 2**30:5.2f} GiB | {(mem_after + 2 * upd) / 2**30:12.2f} GiB | "
               f"{worst:12.1e}")
+    print("CPU seconds of the process (less sensitive to other jobs than wall time): " + ", ".join(
+        f"{row[0]} earlier: ours {ours_c:.2f} s, naive {naive_c:.1f} s ({naive_c / ours_c:.1f}x)"
+        for row, (ours_c, naive_c) in zip(rows, cpu)))
     if not all(row[-1] for row in rows):
         print(f"* naive timed on {args.naive_layers} of {args.layers} layers ({rows[0][3]:.1f}s for "
               f"{args.earlier[0]} earlier) and extrapolated linearly (all layers have the same shapes).")
     print(f"peak RSS of the process: {rss_peak_process() / 2**30:.2f} GiB")
+    print("load average (1/5/15 min) at start {} and end {}; {} CPUs".format(
+        "/".join(f"{x:.2f}" for x in load_at_start), "/".join(f"{x:.2f}" for x in os.getloadavg()), os.cpu_count()))
 
 
 def rss_peak_process() -> int:

@@ -114,3 +114,29 @@ def test_non_finite_update_refused():
     update[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         consolidate_update(update, None)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_consolidate_factor_matches_plain_path(lam):
+    """The copy-free path (direction computed into the memory's spare row, snapshot added in place) used by the
+    callback and the benchmark is bit-identical to consolidate_update + append_direction + snapshot + update."""
+    from trl_lifealign.slmc.callback import consolidate_factor
+    from trl_lifealign.slmc.memory import LongTermMemory, ModelSpec
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"a": [4, 48], "b": [40, 4]}
+    spec = ModelSpec(adapters={"default": {"rank": 4, "target_modules": ["q"]}}, factors=shapes)
+    fast, plain = LongTermMemory(memory_dir=None, spec=spec), LongTermMemory(memory_dir=None, spec=spec)
+    for task in range(7):  # crosses the buffer growth (4 spare rows) and includes a dependent (in-span) update
+        for name, shape in shapes.items():
+            snapshot = torch.randn(shape, generator=generator)
+            update = _low_rank_noisy(shape, 2, generator)
+            if task == 3:
+                update = plain.basis(name)[0].reshape(shape).clone()
+            expected = consolidate_update(update, plain.basis(name), 0.9, lam)
+            if expected.new_direction is not None:
+                plain.append_direction(name, expected.new_direction)
+            value, result, stats = consolidate_factor(fast, name, update.clone(), snapshot, 0.9, lam)
+            assert torch.equal(value, snapshot + expected.update)
+            assert torch.equal(fast.basis(name), plain.basis(name))
+            assert result.conflict == expected.conflict and stats["kept_rank"] == expected.kept_rank

@@ -5,7 +5,7 @@
 - :class:`MemoryConsolidationCallback`: the ``transformers.TrainerCallback`` wiring them into any Trainer.
 """
 
-from .callback import ConsolidationReport, MemoryConsolidationCallback, NonFiniteUpdateError
+from .callback import ConsolidationReport, MemoryConsolidationCallback, NonFiniteUpdateError, consolidate_factor
 from .math import (
     ConsolidationResult,
     DenoiseResult,
@@ -26,6 +26,7 @@ __all__ = [
     "MemoryMismatchError",
     "ModelSpec",
     "NonFiniteUpdateError",
+    "consolidate_factor",
     "consolidate_update",
     "denoise_by_energy",
     "extend_basis",

@@ -24,10 +24,16 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .math import DEFAULT_BASIS_REL_TOL, consolidate_update
+from .math import DEFAULT_BASIS_REL_TOL, ConsolidationResult, consolidate_update
 from .memory import LongTermMemory, ModelSpec
 
-__all__ = ["ConsolidationReport", "MemoryConsolidationCallback", "NonFiniteUpdateError"]
+__all__ = [
+    "ConsolidationReport",
+    "MemoryConsolidationCallback",
+    "NonFiniteUpdateError",
+    "all_finite",
+    "consolidate_factor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +86,56 @@ class ConsolidationReport:
             "slmc/memory_disk_mb": self.memory_disk_bytes / 2**20,
             "slmc/memory_ram_mb": self.memory_ram_bytes / 2**20,
         }
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` holds no NaN/Inf."""
+    # One reduction instead of an elementwise pass + bool temporary: any NaN/Inf makes the sum non-finite (a
+    # non-finite sum of finite values, i.e. an overflow, is re-checked element by element).
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def consolidate_factor(
+    memory: LongTermMemory,
+    name: str,
+    update: torch.Tensor,
+    snapshot: torch.Tensor,
+    energy_threshold: float,
+    overlap_weight: float,
+    basis_rel_tol: float = DEFAULT_BASIS_REL_TOL,
+) -> tuple[torch.Tensor, ConsolidationResult, dict[str, float]]:
+    """One factor's boundary: consolidate ``update`` (= trained - ``snapshot``, float32, already checked finite with
+    :func:`all_finite`) against ``memory``'s basis
+    for ``name``, append the new direction to the memory, and return ``(snapshot + consolidated update, result,
+    stats)``. The callback and ``benchmarks/consolidation_scale.py`` both run exactly this.
+
+    The new direction is computed straight into the memory's spare row and the snapshot is added in place to the
+    (freshly allocated) consolidated update, so the returned value aliases ``result.update`` (which then holds the
+    new factor value, not the update) and no other full-size temporary is made.
+    """
+    result = consolidate_update(
+        update, memory.basis(name), energy_threshold, overlap_weight, basis_rel_tol,
+        direction_out=memory.next_direction_buffer(name), check_finite=False,  # the caller checked (all_finite)
+    )
+    if result.new_direction is not None:
+        memory.append_direction(name, result.new_direction)
+    beta = result.update.reshape(-1)
+    stats = {
+        "kept_rank": result.kept_rank,
+        "kept_energy": result.kept_energy,
+        "conflict": result.conflict,
+        "energy": result.energy,
+        "update_sq": result.energy,  # sum of sigma**2 = squared Frobenius norm (no extra pass)
+        "consolidated_sq": float(torch.dot(beta, beta)),
+        "denoised_sq": result.energy * result.kept_energy,
+        "basis_rank": memory.basis_ranks()[name],
+    }
+    value = result.update.to(torch.float32)
+    if value.data_ptr() == update.data_ptr():  # never happens today (the result is a new tensor); stay safe anyway
+        value = snapshot + value
+    else:
+        value.add_(snapshot)  # bit-identical to snapshot + value (IEEE addition commutes)
+    return value, result, stats
 
 
 def _dist_info() -> tuple[int, int]:
@@ -280,7 +336,7 @@ class MemoryConsolidationCallback(TrainerCallback):
                     value = _read_full_fp32(param)
                     if rank == 0:
                         updates[name] = value.to("cpu") - self._snapshot[name]
-        bad = [name for name, update in updates.items() if not bool(torch.isfinite(update).all())] if rank == 0 else None
+        bad = [name for name, update in updates.items() if not all_finite(update)] if rank == 0 else None
         bad = _broadcast_object(bad, world_size)
         if bad:
             self._task_open = False
@@ -296,24 +352,12 @@ class MemoryConsolidationCallback(TrainerCallback):
         if rank == 0:
             memory = self.memory
             for name in factors:
-                result = consolidate_update(
-                    updates[name], memory.basis(name), self.energy_threshold, self.overlap_weight, self.basis_rel_tol
+                updates[name], result, stats[name] = consolidate_factor(
+                    memory, name, updates[name], self._snapshot[name],
+                    self.energy_threshold, self.overlap_weight, self.basis_rel_tol,
                 )
-                if result.new_direction is not None:
-                    memory.append_direction(name, result.new_direction)
-                stats[name] = {
-                    "kept_rank": result.kept_rank,
-                    "kept_energy": result.kept_energy,
-                    "conflict": result.conflict,
-                    "energy": result.energy,
-                    "update_sq": float(updates[name].pow(2).sum()),
-                    "consolidated_sq": float(result.update.pow(2).sum()),
-                    "denoised_sq": result.energy * result.kept_energy,
-                    "basis_rank": memory.basis_ranks()[name],
-                }
                 if result.unchanged:
                     unchanged.add(name)
-                updates[name] = self._snapshot[name] + result.update.to(torch.float32)
         unchanged = _broadcast_object(unchanged, world_size)
 
         # Pass 2: write back (module weights and DeepSpeed's fp32 master copy), identical on every rank.

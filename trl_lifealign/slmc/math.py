@@ -124,7 +124,7 @@ def split_by_span(vector: torch.Tensor, basis: torch.Tensor | None) -> tuple[tor
         orthogonal to working precision.
     """
     flat = vector.detach().reshape(-1).to(_compute_dtype(vector))
-    orthogonal = _orthogonal_part(flat, basis)
+    orthogonal = _orthogonal_part(flat, basis)[0]
     return flat - orthogonal, orthogonal
 
 
@@ -132,16 +132,26 @@ def split_by_span(vector: torch.Tensor, basis: torch.Tensor | None) -> tuple[tor
 _REORTHOGONALIZE_BELOW = 0.5 ** 0.5
 
 
-def _orthogonal_part(flat: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+def _orthogonal_part(
+    flat: torch.Tensor, basis: torch.Tensor | None, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float, float]:
+    """``(orthogonal, ||flat||, ||orthogonal||)``, each norm computed once; the orthogonal part is written into
+    ``out`` when given (a flat buffer of flat's dtype and size aliasing neither ``flat`` nor ``basis``)."""
+    if out is not None and (out.dtype != flat.dtype or out.shape != flat.shape):
+        out = None
+    flat_norm = float(flat.norm())
     if basis is None or basis.shape[0] == 0:
-        return flat.clone()
+        orthogonal = flat.clone() if out is None else out.copy_(flat)
+        return orthogonal, flat_norm, flat_norm
     if basis.ndim != 2 or basis.shape[1] != flat.numel():
         raise ValueError(f"basis of shape {tuple(basis.shape)} does not match a vector of {flat.numel()} elements")
     basis = basis.to(flat.dtype)
-    orthogonal = torch.addmv(flat, basis.T, basis @ flat, alpha=-1.0)
-    if float(orthogonal.norm()) < _REORTHOGONALIZE_BELOW * float(flat.norm()):
-        orthogonal = torch.addmv(orthogonal, basis.T, basis @ orthogonal, alpha=-1.0)
-    return orthogonal
+    orthogonal = torch.addmv(flat, basis.T, basis @ flat, alpha=-1.0, out=out)
+    orthogonal_norm = float(orthogonal.norm())
+    if orthogonal_norm < _REORTHOGONALIZE_BELOW * flat_norm:
+        orthogonal.addmv_(basis.T, basis @ orthogonal, alpha=-1.0)
+        orthogonal_norm = float(orthogonal.norm())
+    return orthogonal, flat_norm, orthogonal_norm
 
 
 def extend_basis(
@@ -213,6 +223,8 @@ def consolidate_update(
     energy_threshold: float = 0.9,
     overlap_weight: float = 0.5,
     rel_tol: float = DEFAULT_BASIS_REL_TOL,
+    direction_out: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> ConsolidationResult:
     """Denoise a task's update of one LoRA factor and reconcile it with the span of earlier consolidated updates.
 
@@ -226,33 +238,40 @@ def consolidate_update(
         energy_threshold: theta, see :func:`denoise_by_energy`.
         overlap_weight: lambda in [0, 1].
         rel_tol: see :func:`extend_basis`.
+        direction_out: optional flat buffer (``numel`` elements of the compute dtype) receiving the new basis
+            direction, e.g. ``LongTermMemory.next_direction_buffer(name)``: the direction is then written once,
+            straight into the memory, with no extra full-size copy. Its content is scratch when no direction is added.
+        check_finite: refuse NaN/Inf in ``update`` (a ``ValueError``); False skips that pass for a caller that
+            has already checked (the callback checks every factor before touching any).
     """
     if not 0.0 <= overlap_weight <= 1.0:
         raise ValueError(f"overlap_weight must be in [0, 1], got {overlap_weight}")
     # One reduction instead of an elementwise isfinite pass: any NaN/Inf makes the sum non-finite.
     # (A non-finite sum from overflowing finite values is re-checked element by element.)
-    if not bool(torch.isfinite(update.sum())) and not bool(torch.isfinite(update).all()):
+    if check_finite and not bool(torch.isfinite(update.sum())) and not bool(torch.isfinite(update).all()):
         raise ValueError("update contains NaN or Inf; refusing to consolidate it")
     denoised = denoise_by_energy(update, energy_threshold)
     flat = denoised.update.reshape(-1)
     if basis is None:
         basis = flat.new_zeros((0, flat.numel()))
-    orthogonal = _orthogonal_part(flat, basis)
-    flat_norm = float(flat.norm())
-    orthogonal_norm = float(orthogonal.norm())
+    out = direction_out.reshape(-1) if direction_out is not None else None
+    orthogonal, flat_norm, orthogonal_norm = _orthogonal_part(flat, basis, out=out)
     # in_span and orthogonal are orthogonal: ||in_span||^2 = ||flat||^2 - ||orthogonal||^2 (no extra pass).
     conflict = (max(flat_norm**2 - orthogonal_norm**2, 0.0) ** 0.5) / flat_norm if flat_norm > 0.0 else 0.0
-    if overlap_weight == 1.0 or basis.shape[0] == 0:
+    keeps_denoised = overlap_weight == 1.0 or basis.shape[0] == 0
+    if keeps_denoised:
         beta = flat
     else:
-        beta = torch.lerp(orthogonal, flat, overlap_weight)  # orthogonal + lambda * (flat - orthogonal), one pass
+        # orthogonal + lambda * (flat - orthogonal), one pass, written over `flat` (a new tensor of ours, no longer
+        # needed): no fresh full-size temporary.
+        beta = torch.lerp(orthogonal, flat, overlap_weight, out=flat)
     # beta's component outside the span is exactly `orthogonal`, so it gives the new basis direction directly. The
     # tolerance is relative to the denoised update: with lambda = 0 an update lying in the span leaves only rounding
     # noise as beta, which must not become a direction.
     direction = None
     if flat_norm > 0.0 and orthogonal_norm > rel_tol * flat_norm:
-        direction = orthogonal.div_(orthogonal_norm)  # beta never aliases `orthogonal` (lerp / flat are new tensors)
-    unchanged = denoised.kept_rank == denoised.full_rank and beta is flat
+        direction = orthogonal.div_(orthogonal_norm)  # beta never aliases `orthogonal` (it lives in `flat`)
+    unchanged = denoised.kept_rank == denoised.full_rank and keeps_denoised
     return ConsolidationResult(
         update=beta.reshape(update.shape),
         new_direction=direction,

@@ -116,12 +116,9 @@ class LongTermMemory:
             return torch.zeros((0, numel), dtype=torch.float32)
         return buffer[: self._ranks[name]]
 
-    def append_direction(self, name: str, direction: torch.Tensor) -> None:
-        """Append one unit row to factor ``name``'s basis (amortised: rows are reserved ahead)."""
+    def _reserved(self, name: str) -> torch.Tensor:
+        """Factor ``name``'s row buffer with at least one spare row after the current basis (grown if needed)."""
         numel = _numel(self.spec.factors[name])
-        direction = direction.detach().reshape(-1).to(torch.float32)
-        if direction.numel() != numel:
-            raise ValueError(f"direction for {name} has {direction.numel()} elements, expected {numel}")
         rank = self._ranks.get(name, 0)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape[0] <= rank:
@@ -129,7 +126,24 @@ class LongTermMemory:
             if rank:
                 grown[:rank].copy_(buffer[:rank])
             self._buffers[name] = buffer = grown
-        buffer[rank].copy_(direction)
+        return buffer
+
+    def next_direction_buffer(self, name: str) -> torch.Tensor:
+        """The spare row :meth:`append_direction` fills next for factor ``name`` (flat float32, contents undefined).
+        Computing the new direction straight into it (``consolidate_update(..., direction_out=...)``) makes the
+        append copy-free; the row stays outside the basis until appended."""
+        return self._reserved(name)[self._ranks.get(name, 0)]
+
+    def append_direction(self, name: str, direction: torch.Tensor) -> None:
+        """Append one unit row to factor ``name``'s basis (amortised: rows are reserved ahead)."""
+        numel = _numel(self.spec.factors[name])
+        direction = direction.detach().reshape(-1).to(torch.float32)
+        if direction.numel() != numel:
+            raise ValueError(f"direction for {name} has {direction.numel()} elements, expected {numel}")
+        rank = self._ranks.get(name, 0)
+        row = self._reserved(name)[rank]
+        if direction.data_ptr() != row.data_ptr():  # already in place when computed into next_direction_buffer()
+            row.copy_(direction)
         self._ranks[name] = rank + 1
 
     def basis_ranks(self) -> dict[str, int]:
