@@ -12,15 +12,15 @@ then deletes older data files, so a crash at any moment leaves a manifest pointi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_write_json, fsync_dir, sha256_file
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MemoryFormatError", "MemoryMismatchError", "LongTermMemory", "ModelSpec"]
 
@@ -49,39 +49,6 @@ class ModelSpec:
 
     adapters: dict[str, dict]
     factors: dict[str, list[int]]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -198,11 +165,11 @@ class LongTermMemory:
             },
             "data_file": data_name,
             "data_bytes": data_path.stat().st_size,
-            "data_sha256": _sha256(data_path),
+            "data_sha256": sha256_file(data_path),
             "history": self.history,
         }
-        _atomic_write_bytes(self.memory_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(self.memory_dir)
+        atomic_write_json(self.memory_dir / MANIFEST_NAME, manifest, indent=1)
+        fsync_dir(self.memory_dir)
         self.data_file = data_name
         # Only now is the old data unreferenced. Leftovers of a crash (older data, stray temp files) go too.
         for stale in self.memory_dir.glob("basis-*.safetensors"):
@@ -263,7 +230,7 @@ class LongTermMemory:
                 f"SLMC memory data file {data_path} is truncated or overwritten: {size} bytes, manifest says "
                 f"{manifest['data_bytes']}"
             )
-        if _sha256(data_path) != manifest["data_sha256"]:
+        if sha256_file(data_path) != manifest["data_sha256"]:
             raise MemoryFormatError(f"SLMC memory data file {data_path} is corrupt (SHA-256 differs from the manifest)")
         memory = cls(
             memory_dir=memory_dir,
