@@ -37,7 +37,7 @@ def full_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifelong")
     config = small_config(root / "data", root / "full", optimizer="carry")
     tokenizer, model = tiny_tokenizer_and_model()
-    return root, run_lifelong(config, model=model, tokenizer=tokenizer)
+    return root, run_lifelong(config, model=model, tokenizer=tokenizer), model
 
 
 def _adapter(run_dir, index):
@@ -46,7 +46,7 @@ def _adapter(run_dir, index):
 
 
 def test_three_task_run_produces_a_complete_report(full_run):
-    root, result = full_run
+    _, result, _ = full_run
     run_dir = result.run_dir
     assert result.task_names == ["concise", "polite", "detailed"] == result.eval_names
     assert len(result.matrix) == 3 and all(len(row) == 3 for row in result.matrix)
@@ -88,17 +88,27 @@ def test_three_task_run_produces_a_complete_report(full_run):
     assert (run_dir / "report.md").read_text() == markdown and (run_dir / "matrix_accuracy.png").is_file()
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
-    """Crash inside task 2, re-run: same adapters (bit for bit) and metrics as an uninterrupted run.
+def test_trainers_leave_no_state_on_the_model(full_run):
+    """The stages' trainers (SFT warm-up, FPO) switch on gradient checkpointing and input-require-grads hooks, wrap
+    forwards (bf16 autocast) and flag modules as accelerate-prepared; the runner undoes it after each stage, so the
+    next stage and the evaluation see the same model as a resumed run's freshly built one. (The LoRA wrapper around
+    this base model is not reachable from here; the resume test below catches a leak there.)"""
+    _, _, model = full_run  # the base model the runner wrapped with LoRA and trained on three tasks
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert not any(m._forward_hooks for m in model.modules())
+    assert not any(k in vars(m) for m in model.modules() for k in ("forward", "_is_accelerate_prepared"))
+    assert model.config.use_cache is True
 
-    Replay, SLMC and optimizer carry are on (their state is restored from the last committed task). The SFT warm-up
-    is off here: on transformers 5.16 / trl 1.9 a resumed warm-up drifts by ~1e-3 in the margins (open issue).
+
+def test_resume_after_interruption_equals_uninterrupted_run(full_run, tmp_path):
+    """Crash inside task 2's preference stage, re-run: same adapters (bit for bit) and metrics as an uninterrupted run.
+
+    Replay, SFT warm-up, SLMC and optimizer carry are on (their state is restored from the last committed task). The
+    crashed attempt already ran task 2's warm-up on its in-memory model; the resumed run starts task 2 on a fresh one.
+    The uninterrupted run is `full_run` (same configuration, another output_dir).
     """
-    settings = dict(optimizer="carry", sft_warmup={"enabled": False})
-    tokenizer, model = tiny_tokenizer_and_model()
-    full = run_lifelong(small_config(tmp_path / "data", tmp_path / "full", **settings), model=model,
-                        tokenizer=tokenizer)
-    config = small_config(tmp_path / "data", tmp_path / "resumed", **settings)
+    _, full, _ = full_run
+    config = small_config(tmp_path / "data", tmp_path / "resumed", optimizer="carry")
     tokenizer, model = tiny_tokenizer_and_model()
     with pytest.raises(SimulatedCrash):
         run_lifelong(config, model=model, tokenizer=tokenizer, callbacks=[CrashAtTask(1)])

@@ -11,6 +11,10 @@ Per task i (one `FPOTrainer` per task, TRL's recommended pattern):
 5. SLMC consolidation of the whole task's update (warm-up + preference stage), then the consolidated adapter is saved;
 6. evaluation on every eval set (row i of the matrix), replay buffer update, and an atomic commit of the run state.
 
+Each trainer's in-place leftovers on the model (autocast forward wrapper, gradient checkpointing, ...) are undone when
+its stage ends (`_trainer_stage`), so a stage runs the same on a model that went through earlier tasks in this process
+as on the freshly built model of a resumed run.
+
 Re-running the same configuration on the same `output_dir` resumes after the last committed task and ends with the
 same weights and metrics as an uninterrupted run (adapter, SLMC memory, replay buffer and optimizer state are restored
 from the last committed task; every task is seeded by its index).
@@ -19,6 +23,7 @@ from the last committed task; every task is seeded by its index).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -168,6 +173,70 @@ def _drop_ref_adapter(model) -> None:
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")
         model.set_adapter("default")
+
+
+# Instance attributes a trainer's accelerate `prepare` leaves on modules: the mixed-precision forward wrapper
+# (`forward` / `_original_forward`, e.g. bf16 autocast from FPOConfig's bf16 default) and the "already prepared" flag,
+# which makes the next trainer's accelerate skip preparing the model (so it would not apply its own precision).
+_TRAINER_MODULE_ATTRS = ("forward", "_original_forward", "_is_accelerate_prepared")
+
+
+def _set_activation_checkpointing(model, enabled: bool) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers >= 5.23 renamed gradient checkpointing to activation checkpointing (old names warn).
+    name = ("activation_checkpointing" if hasattr(base, "activation_checkpointing_disable")
+            else "gradient_checkpointing")
+    getattr(base, f"{name}_{'enable' if enabled else 'disable'}")()
+
+
+@contextlib.contextmanager
+def _trainer_stage(model):
+    """Undo, when the block exits, what a `Trainer` / `FPOTrainer` built inside it changed on `model` in place.
+
+    Trainers leave state on the model they trained: accelerate's (bf16 autocast) forward wrapper and its "prepared"
+    flag, gradient checkpointing and input-require-grads hooks switched on by TRL (its default
+    `gradient_checkpointing=True`, one more hook per trainer), `config.use_cache` and the generation config. Left in
+    place, the next stage (e.g. the next task's SFT warm-up) would run differently in an uninterrupted run than in a
+    resumed one, whose model is freshly built; and the evaluation would run under the last trainer's autocast while
+    π₀'s log-probs were computed without it. Every stage therefore starts from, and hands back, the model as the
+    runner holds it.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved_attrs = {id(m): (m, {k: m.__dict__[k] for k in _TRAINER_MODULE_ATTRS if k in m.__dict__})
+                   for m in model.modules()}
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    embedding_hooks = set(embeddings._forward_hooks) if embeddings is not None else set()
+    require_grads_attrs = {k: base.__dict__[k] for k in ("_require_grads_hook", "_require_grads_hooks")
+                           if k in base.__dict__}
+    use_cache = getattr(base.config, "use_cache", None)
+    generation_config = copy.deepcopy(getattr(base, "generation_config", None))
+    try:
+        yield
+    finally:
+        if not checkpointing and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+            _set_activation_checkpointing(model, False)
+        if embeddings is not None:
+            for key in set(embeddings._forward_hooks) - embedding_hooks:
+                hook = embeddings._forward_hooks[key]
+                if "make_inputs_require_grads" in getattr(hook, "__qualname__", ""):
+                    for hooks in (embeddings._forward_hooks, embeddings._forward_hooks_with_kwargs,
+                                  embeddings._forward_hooks_always_called):
+                        hooks.pop(key, None)
+        for key in ("_require_grads_hook", "_require_grads_hooks"):
+            base.__dict__.pop(key, None)
+        base.__dict__.update(require_grads_attrs)
+        for module in model.modules():
+            before = saved_attrs.get(id(module), (module, {}))[1]
+            for key in _TRAINER_MODULE_ATTRS:
+                if key in before:
+                    module.__dict__[key] = before[key]
+                else:
+                    module.__dict__.pop(key, None)
+        if use_cache is not None:
+            base.config.use_cache = use_cache
+        if generation_config is not None:
+            base.generation_config = generation_config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -421,8 +490,9 @@ def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: 
         if memory is not None:
             memory.begin_task(model)
         if config.sft_warmup.enabled:
-            task_record["sft_warmup"] = _sft_warmup(config, model, tokenizer, train_rows, index,
-                                                    task_dir / "sft_trainer", show)
+            with _trainer_stage(model):
+                task_record["sft_warmup"] = _sft_warmup(config, model, tokenizer, train_rows, index,
+                                                        task_dir / "sft_trainer", show)
             _set_all_seeds(config.seed + index)
 
         from datasets import Dataset
@@ -430,29 +500,30 @@ def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: 
         if deepspeed_rebuild and config.sft_warmup.enabled:
             model = _rebuild_for_new_engine(config, model)
         _drop_ref_adapter(model)
-        args = _training_args(config, index, task_dir / "trainer")
-        args.disable_tqdm = args.disable_tqdm or not show
-        trainer = FPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                             processing_class=tokenizer, callbacks=list(callbacks or []))
-        if args.disable_tqdm:  # no per-step bars wanted: do not print every log dict either (kept in metrics.json)
-            from transformers.trainer_callback import PrinterCallback
+        with _trainer_stage(model):
+            args = _training_args(config, index, task_dir / "trainer")
+            args.disable_tqdm = args.disable_tqdm or not show
+            trainer = FPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                                 processing_class=tokenizer, callbacks=list(callbacks or []))
+            if args.disable_tqdm:  # no per-step bars: do not print every log dict either (kept in metrics.json)
+                from transformers.trainer_callback import PrinterCallback
 
-            trainer.remove_callback(PrinterCallback)
-        if config.reference == "base":
-            _drop_ref_adapter(model)  # TRL then runs the reference with the adapter disabled
-        elif "ref" not in model.peft_config:
-            raise RuntimeError("reference 'previous_task' needs TRL's frozen 'ref' adapter, which this trl version "
-                               "did not create")
-        if config.optimizer == "carry" and optimizer_state is not None:
-            trainer.create_optimizer()
-            trainer.optimizer.load_state_dict(optimizer_state)
-        output = trainer.train()
-        task_record["train"] = {"train_loss": output.training_loss, "steps": output.global_step,
-                                "log": [e for e in trainer.state.log_history if "loss" in e][-1:]}
-        if config.optimizer == "carry":
-            optimizer_state = trainer.optimizer.state_dict()
-            # accelerate wraps the optimizer; its state dict is the torch one.
-        _drop_ref_adapter(model)
+                trainer.remove_callback(PrinterCallback)
+            if config.reference == "base":
+                _drop_ref_adapter(model)  # TRL then runs the reference with the adapter disabled
+            elif "ref" not in model.peft_config:
+                raise RuntimeError("reference 'previous_task' needs TRL's frozen 'ref' adapter, which this trl "
+                                   "version did not create")
+            if config.optimizer == "carry" and optimizer_state is not None:
+                trainer.create_optimizer()
+                trainer.optimizer.load_state_dict(optimizer_state)
+            output = trainer.train()
+            task_record["train"] = {"train_loss": output.training_loss, "steps": output.global_step,
+                                    "log": [e for e in trainer.state.log_history if "loss" in e][-1:]}
+            if config.optimizer == "carry":
+                optimizer_state = trainer.optimizer.state_dict()
+                # accelerate wraps the optimizer; its state dict is the torch one.
+            _drop_ref_adapter(model)
         if memory is not None:
             report = memory.consolidate(model)
             task_record["consolidation"] = {k: v for k, v in dataclasses.asdict(report).items() if k != "factors"}
