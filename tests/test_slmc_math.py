@@ -140,3 +140,22 @@ def test_consolidate_factor_matches_plain_path(lam):
             assert torch.equal(value, snapshot + expected.update)
             assert torch.equal(fast.basis(name), plain.basis(name))
             assert result.conflict == expected.conflict and stats["kept_rank"] == expected.kept_rank
+
+
+def test_consolidate_factor_after_an_update_that_added_no_direction():
+    """A zero first update reserves the factor's spare row but adds no basis row; the next boundary must still see an
+    empty basis (regression: KeyError in LongTermMemory.basis at the second boundary)."""
+    from trl_lifealign.slmc.callback import consolidate_factor
+    from trl_lifealign.slmc.memory import LongTermMemory, ModelSpec
+
+    shape = [4, 24]
+    spec = ModelSpec(adapters={"default": {"rank": 4, "target_modules": ["q"]}}, factors={"a": shape})
+    memory = LongTermMemory(memory_dir=None, spec=spec)
+    snapshot = torch.zeros(shape)
+    value, result, _ = consolidate_factor(memory, "a", torch.zeros(shape), snapshot.clone(), 0.9, 0.5)
+    assert result.new_direction is None and torch.count_nonzero(value) == 0
+    assert memory.basis("a").shape == (0, 96) and memory.basis_ranks() == {"a": 0} and memory.ram_bytes == 0
+    update = _low_rank_noisy(shape, 2, torch.Generator().manual_seed(3))
+    value, result, _ = consolidate_factor(memory, "a", update.clone(), snapshot.clone(), 1.0, 0.5)
+    assert torch.allclose(value, update, atol=1e-6)  # nothing earlier to overlap with: kept whole at theta = 1
+    assert memory.basis("a").shape == (1, 96)

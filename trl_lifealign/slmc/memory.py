@@ -81,7 +81,8 @@ class LongTermMemory:
         buffer = self._buffers.get(name)
         if buffer is None:
             return torch.zeros((0, numel), dtype=torch.float32)
-        return buffer[: self._ranks[name]]
+        # A row may be reserved (next_direction_buffer) for a factor whose update then added no direction.
+        return buffer[: self._ranks.get(name, 0)]
 
     def _reserved(self, name: str) -> torch.Tensor:
         """Factor ``name``'s row buffer with at least one spare row after the current basis (grown if needed)."""
