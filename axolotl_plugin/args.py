@@ -1,7 +1,7 @@
 """Configuration of the LifeAlign Axolotl plugin: the YAML keys (pydantic) and the training-args mixin (dataclass).
 
-This module imports only pydantic and the standard library, so it can be imported (and the keys validated) without
-Axolotl. Axolotl merges `LifeAlignArgs` into its own config schema by multiple inheritance, so every field below is a
+This module imports only pydantic, the standard library and `trl_lifealign.reference` (standard library only), so it
+can be imported (and the keys validated) without Axolotl or torch. Axolotl merges `LifeAlignArgs` into its own config schema by multiple inheritance, so every field below is a
 top-level YAML key and the validator sees the whole config (it can check `rl`, `adapter`, `dpo_loss_type`).
 
 Do not import `axolotl.core.training_args` here: Axolotl builds its training-args class (with our mixin) the first
@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
+
+from trl_lifealign.reference import DEFAULT_REFERENCE, Reference
 
 PLUGIN_PATH = "axolotl_plugin.LifeAlignPlugin"
 TRAINER_PATH = "axolotl_plugin.trainer.AxolotlFPOTrainer"
@@ -68,11 +70,11 @@ class LifeAlignArgs(BaseModel):
             "adapter. Replaces lora_model_dir, which Axolotl ignores under rl: dpo."
         },
     )
-    lifealign_reference: Literal["base", "previous_task"] = Field(
-        default="base",
+    lifealign_reference: Reference = Field(
+        default=DEFAULT_REFERENCE,
         json_schema_extra={
-            "description": "DPO reference: the base model with adapters disabled (LifeAlign's choice) or the "
-            "previous stage's adapter as loaded at the start of this stage."
+            "description": "DPO reference: 'previous_task' (default), the previous stage's adapter as loaded at the "
+            "start of this stage; or 'base', the base model with adapters disabled (LifeAlign's official code)."
         },
     )
     lifealign_replay_datasets: list[dict[str, Any]] | None = Field(
@@ -158,5 +160,6 @@ class LifeAlignTrainingArgsMixin:
         default=None, metadata={"help": "Directory of the previous stage's LoRA adapter to continue training."}
     )
     lifealign_reference: str = field(
-        default="base", metadata={"help": "DPO reference: 'base' (adapters disabled) or 'previous_task'."}
+        default=DEFAULT_REFERENCE,
+        metadata={"help": "DPO reference: 'previous_task' (the stage's starting adapter) or 'base' (adapters disabled)."},
     )

@@ -7,14 +7,17 @@ Axolotl's mixins (optimizers, schedulers, RNG state, double-BOS fix) come from `
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
+import torch
 from axolotl.core.trainers.dpo.trainer import AxolotlDPOTrainer
 from axolotl.integrations.base import PluginManager
 
 from trl_lifealign.fpo import FPOTrainer
 from trl_lifealign.atomic import atomic_write_json
+from trl_lifealign.reference import DEFAULT_REFERENCE, REFERENCE_CHOICES
 
 from .args import PLUGIN_PATH, TRAINER_PATH
 
@@ -50,8 +53,8 @@ def _check_same_lora(yaml_config, saved_config, previous: str) -> None:
 class AxolotlFPOTrainer(FPOTrainer, AxolotlDPOTrainer):
     """Axolotl DPO trainer whose loss is FPO; starts from `args.lifealign_previous_adapter` when it is set.
 
-    Reference (`args.lifealign_reference`): `"base"` (default, as in LifeAlign) computes it with adapters disabled;
-    `"previous_task"` keeps TRL's frozen `"ref"` copy of the adapter as loaded at the start of the stage.
+    Reference (`args.lifealign_reference`): `"previous_task"` (default) keeps TRL's frozen `"ref"` copy of the adapter
+    as loaded at the start of the stage; `"base"` (LifeAlign's official code) computes it with adapters disabled.
     """
 
     def __init__(self, model, ref_model=None, *args: Any, **kwargs: Any):
@@ -63,8 +66,8 @@ class AxolotlFPOTrainer(FPOTrainer, AxolotlDPOTrainer):
             )
         training_args = kwargs.get("args")
         previous = getattr(training_args, "lifealign_previous_adapter", None)
-        reference = getattr(training_args, "lifealign_reference", "base")
-        if reference not in ("base", "previous_task"):
+        reference = getattr(training_args, "lifealign_reference", DEFAULT_REFERENCE)
+        if reference not in REFERENCE_CHOICES:
             raise ValueError(f"lifealign_reference must be 'base' or 'previous_task', got {reference!r}")
         if previous:
             model = self._load_previous_adapter(model, previous, kwargs.get("peft_config"))
@@ -75,29 +78,40 @@ class AxolotlFPOTrainer(FPOTrainer, AxolotlDPOTrainer):
             self.model.delete_adapter("ref")
             self.model.set_adapter("default")
         if previous:
-            self._record_start_adapter(previous)
+            self._record_start_adapter(previous, reference)
 
-    def _record_start_adapter(self, previous: str) -> None:
-        """Write `<output_dir>/lifealign_start_adapter.json`: per-tensor sum and norm of the adapter as loaded.
+    def _record_start_adapter(self, previous: str, reference: str) -> None:
+        """Write `<output_dir>/lifealign_start_adapter.json`: per-tensor sum and norm of the adapter as loaded, and
+        the reference the stage uses (with `previous_task`: whether TRL's frozen "ref" adapter equals that start).
 
         Read back from the model's parameters (not the file), so it shows what this stage really starts from; the
         chain and the tests compare it with the previous stage's saved (consolidated) adapter.
         """
         stats = {}
-        for name, param in self.model.named_parameters():
+        params = dict(self.model.named_parameters())
+        ref_matches = "ref" in getattr(self.model, "peft_config", {})
+        for name, param in params.items():
             if ".default." not in name or "lora_" not in name:
                 continue
+            ref_param = params.get(name.replace(".default.", ".ref."))
+            gathered = [p for p in (param, ref_param) if p is not None]
             if getattr(param, "ds_numel", None) is not None and param.numel() == 0:
                 import deepspeed
 
-                with deepspeed.zero.GatheredParameters([param]):  # collective: every rank takes part
-                    values = param.detach().double().cpu()
+                context = deepspeed.zero.GatheredParameters(gathered)  # collective: every rank takes part
             else:
+                context = contextlib.nullcontext()
+            with context:
                 values = param.detach().double().cpu()
+                if ref_param is None:
+                    ref_matches = False
+                elif ref_matches:
+                    ref_matches = torch.equal(ref_param.detach().double().cpu(), values)
             stats[name.replace(".default.", ".")] = [values.sum().item(), values.norm().item()]
         if not self.accelerator.is_main_process:
             return
-        record = {"previous_adapter": str(Path(previous).resolve()), "tensors": stats}
+        record = {"previous_adapter": str(Path(previous).resolve()), "tensors": stats, "reference": reference,
+                  "ref_adapter_equals_start": ref_matches}
         atomic_write_json(Path(self.args.output_dir) / START_ADAPTER_FILE, record, indent=1, sort_keys=True)
 
     @staticmethod

@@ -100,6 +100,8 @@ def test_stage2_starts_from_stage1_adapter(finished_chain):
         assert norm == pytest.approx(saved[name].double().norm().item(), rel=1e-9)
     final = load_file(str(chain_dir / "manners" / "adapter_model.safetensors"))
     assert any(not torch.equal(final[name], saved[name]) for name in saved), "stage 2 did not train"
+    # The recipe's reference previous_task: TRL's frozen "ref" adapter is the adapter stage 2 started from.
+    assert start["reference"] == "previous_task" and start["ref_adapter_equals_start"] is True
 
 
 def test_final_adapter_loads_with_peft(finished_chain):

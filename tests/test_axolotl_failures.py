@@ -131,4 +131,4 @@ def test_valid_config_reaches_axolotl_with_our_keys(base_config):
     validated = _validate(base_config)
     assert validated.trainer_cls == "axolotl_plugin.trainer.AxolotlFPOTrainer"
     assert validated.dpo_loss_type == ["fpo"]
-    assert validated.lifealign_focal_gamma == 2.0 and validated.lifealign_reference == "base"
+    assert validated.lifealign_focal_gamma == 2.0 and validated.lifealign_reference == "previous_task"

@@ -144,3 +144,49 @@ def test_real_data_quirks_are_skipped_and_counted(shared_data_root, tiny_tokeniz
     assert helpful.train_skipped.get("chosen is identical to rejected") == 6
     assert all(not row["chosen"].startswith("Assistant:") for row in helpful.train_all)
     assert len(hc3.train) == 4 and len(helpful.eval) == 4
+
+
+def _geometry_module():
+    """benchmarks/forgetting_geometry.py (a script, not a package module)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "forgetting_geometry.py"
+    spec = importlib.util.spec_from_file_location("forgetting_geometry", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_forgetting_geometry_reproduces_the_run(data_root, tmp_path):
+    """benchmarks/forgetting_geometry.py merges each task's product update into the base weights: 'as trained' must
+    reproduce the runner's own matrix row (scored through the LoRA layers), and λ = 1 must equal 'as trained'."""
+    geometry = _geometry_module()
+
+    settings = bench.apply_settings(bench.BenchSettings(tasks=("alpha", "beta")), {k: str(v) for k, v in TINY.items()})
+    payload = bench.run_benchmark(settings, data_root=data_root, eval_root=data_root, eval_split="dev",
+                                  methods=["seq-dpo"], seeds=[0], output_dir=tmp_path / "out", workers=1,
+                                  plots=False, log=lambda *_: None)
+    matrix = payload["runs"][0]["matrix"]
+    result = geometry.analyse(tmp_path / "out" / "runs" / "seq-dpo" / "seed0" / "runner", lambdas=(1.0, 0.0))
+    (step,) = result["projection"]
+    assert step["before"] == pytest.approx(matrix[0], abs=1e-9)
+    assert step["after"]["as trained"] == pytest.approx(matrix[1], abs=1e-9)
+    assert step["after"]["product λ=1"] == pytest.approx(matrix[1], abs=1e-9)
+    (shares,) = result["geometry"]
+    assert 0.0 <= shares["in_span_factors"] <= 1.0 and 0.0 <= shares["in_span_product"] <= 1.0
+    assert "| 02-beta |" in geometry.render(result)
+
+
+def test_in_span_share_and_removal():
+    import torch
+
+    geometry = _geometry_module()
+    e1, e2, e3 = torch.eye(3)
+    update = torch.tensor([3.0, 4.0, 0.0])
+    assert geometry.in_span_share([e1], update) == pytest.approx(0.6)
+    assert geometry.in_span_share([e1, e2], update) == pytest.approx(1.0)
+    assert geometry.in_span_share([], update) == 0.0
+    assert torch.allclose(geometry.remove_in_span([e1], update, 0.0), torch.tensor([0.0, 4.0, 0.0]))
+    assert torch.allclose(geometry.remove_in_span([e1 + e2], update, 0.5), torch.tensor([1.25, 2.25, 0.0]))
+    assert torch.allclose(geometry.remove_in_span([], update, 0.0), update)

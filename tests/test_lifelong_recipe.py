@@ -37,7 +37,7 @@ def test_valid_recipe_resolves_paths_and_defaults(tmp_path):
     assert [s.path for s in config.tasks[1].train] == [str(tmp_path / "b/train.json"), str(tmp_path / "c/train.json")]
     assert config.tasks[1].overrides == {"num_train_epochs": 2}
     # Documented defaults.
-    assert config.reference == "base" and config.memory.energy_threshold == 0.9 and config.memory.overlap_weight == 0.5
+    assert config.reference == "previous_task" and config.memory.energy_threshold == 0.9 and config.memory.overlap_weight == 0.5
     assert config.replay.fraction == 0.0 and config.optimizer == "reset" and not config.sft_warmup.enabled
     assert [e.name for e in config.resolved_eval_sets()] == ["a", "b"]
 

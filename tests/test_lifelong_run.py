@@ -131,16 +131,16 @@ def test_resume_after_interruption_equals_uninterrupted_run(full_run, tmp_path):
         run_lifelong(changed, model=tiny_tokenizer_and_model()[1], tokenizer=tokenizer)
 
 
-def test_cli_train_from_recipe_with_previous_task_reference(tmp_path, capsys):
-    """`lifealign train RECIPE.yaml` on a model saved to disk; reference previous_task, no SFT, no memory, with
-    generation metrics."""
+def test_cli_train_from_recipe_with_base_reference(tmp_path, capsys):
+    """`lifealign train RECIPE.yaml` on a model saved to disk; reference base (the other tests use the default
+    previous_task), no SFT, no memory, with generation metrics."""
     from trl_lifealign.cli import main
 
     tokenizer, model = tiny_tokenizer_and_model()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     recipe = recipe_dict(tmp_path / "data", tmp_path / "run", tmp_path / "model")
-    recipe.update(reference="previous_task", memory={"enabled": False}, replay={"fraction": 0.0},
+    recipe.update(reference="base", memory={"enabled": False}, replay={"fraction": 0.0},
                   sft_warmup={"enabled": False})
     recipe["evaluation"].update(generation=True, generation_rows=2, max_new_tokens=4)
     recipe["tasks"] = recipe["tasks"][:2]
@@ -150,7 +150,7 @@ def test_cli_train_from_recipe_with_previous_task_reference(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Last" in out and "BWT" in out
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["settings"]["reference"] == "previous_task"
+    assert report["settings"]["reference"] == "base"
     assert "consolidation" not in report["tasks"][0] and not (tmp_path / "run" / "memory").exists()
     assert report["matrix"]["accuracy"][0][0] > 0.5
     generation = report["generation"]
@@ -176,3 +176,34 @@ def test_bad_data_fails_before_training_and_skip_counts(tmp_path):
 
     data = load_preference_data(skipping.tasks[1].train, skip_bad_rows=True)
     assert data.summary()["skipped_total"] == 2
+
+
+class RecordReference(TrainerCallback):
+    """At the start of every preference stage: does the model carry TRL's frozen "ref" adapter, and is it the policy
+    the stage starts from?"""
+
+    def __init__(self):
+        self.seen: list[tuple[bool, bool | None]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        params = dict(model.named_parameters())
+        has_ref = "ref" in model.peft_config
+        same = None
+        if has_ref:
+            pairs = [(p, params[n.replace(".ref.", ".default.")]) for n, p in params.items() if ".ref." in n]
+            same = bool(pairs) and all(torch.equal(r, d) for r, d in pairs)
+        self.seen.append((has_ref, same))
+
+
+@pytest.mark.parametrize("reference", ["previous_task", "base"])
+def test_reference_policy_of_each_task(tmp_path, reference):
+    """previous_task: every stage's reference is TRL's frozen copy of the adapter it starts from; base: no copy, so
+    TRL scores the reference with the adapter disabled."""
+    config = small_config(tmp_path / "data", tmp_path / "run", reference=reference, sft_warmup={"enabled": False},
+                          replay={"fraction": 0.0})
+    config.tasks = config.tasks[:2]
+    recorder = RecordReference()
+    tokenizer, model = tiny_tokenizer_and_model()
+    run_lifelong(config, model=model, tokenizer=tokenizer, callbacks=[recorder])
+    assert recorder.seen == ([(True, True)] * 2 if reference == "previous_task" else [(False, None)] * 2)
+    assert "ref" not in model.peft_config  # the frozen copy never outlives its stage

@@ -40,7 +40,7 @@ SHORT_TASK_NAMES = {
     "TruthfulQA": "TruthQA",
 }
 DATA_ENV_VAR = "LIFEALIGN_BENCH_DATA"
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 RESULT_FILE = "bench_run.json"
 
 
@@ -109,7 +109,7 @@ class BenchSettings:
     batch_size: int = 8
     beta: float = 0.1
     focal_gamma: float = 2.0
-    reference: str = "base"
+    reference: str = "previous_task"
     optimizer: str = "reset"
     lr_scheduler: str = "linear"
     # SLMC
@@ -402,7 +402,8 @@ def build_tokenizer(output_dir: Path, corpus: list[str], settings: BenchSettings
                         "corpus": len(corpus), "chars": sum(len(t) for t in corpus)})
     path = output_dir / "cache" / f"tokenizer-{key}"
     if not path.is_dir():
-        tokenizer = train_tokenizer(corpus, vocab_size=settings.vocab_size, model_max_length=settings.max_length)
+        # The limit only feeds a warning: a prompt and its answer tokenized jointly can be a token longer than apart.
+        tokenizer = train_tokenizer(corpus, vocab_size=settings.vocab_size, model_max_length=2 * settings.max_length)
         _atomic_dir(path, tokenizer.save_pretrained)
     return AutoTokenizer.from_pretrained(path), path
 
@@ -573,7 +574,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job["threads"])
+    import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    datasets.disable_progress_bars()  # TRL's tokenization bars, per task and worker, would drown the bench's lines
 
     from trl_lifealign.lifelong import run_lifelong
 
@@ -586,7 +590,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
     config = build_lifelong_config(method, settings, job["tasks"], run_dir / "runner", job["seed"])
     start = time.perf_counter()
-    result = run_lifelong(config, model=model, tokenizer=tokenizer)
+    # Runs share the terminal with other workers: no progress bars, only the benchmark's own lines.
+    result = run_lifelong(config, model=model, tokenizer=tokenizer, show_progress=False)
     seconds = time.perf_counter() - start
     record = {
         "fingerprint": job["fingerprint"],
@@ -868,22 +873,25 @@ def write_plots(summary: dict[str, Any], out_dir: Path, base_settings: BenchSett
     curves = sweep_curves(summary, base_settings)
     if curves:
         knobs = sorted({knob for _, knob in curves})
-        fig, axes = plt.subplots(1, len(knobs), figsize=(4.8 * len(knobs), 3.6), squeeze=False)
-        for ax, knob in zip(axes[0], knobs):
-            for (method, curve_knob), points in sorted(curves.items()):
-                if curve_knob != knob:
-                    continue
-                xs = [x for x, _ in points]
-                for key, style in (("last", "o-"), ("bwt", "s--")):
-                    ax.errorbar(xs, [e[key]["mean"] for _, e in points], yerr=[e[key]["std"] for _, e in points],
-                                fmt=style, capsize=3, label=f"{method} {'Last' if key == 'last' else 'BWT'}")
-            if knob in ("lr", "learning_rate"):
-                ax.set_xscale("log")
-            ax.axhline(0, color="k", lw=0.6)
-            ax.set_xlabel(knob)
-            ax.set_ylabel("points")
-            ax.set_title(f"sensitivity to {knob}")
-            ax.legend(fontsize=7)
+        # Last on top, BWT below, each on its own scale (a few points of change would vanish on a shared axis).
+        fig, axes = plt.subplots(2, len(knobs), figsize=(3.6 * len(knobs), 5.4), squeeze=False, sharex="col")
+        for column, knob in enumerate(knobs):
+            for row, key in enumerate(("last", "bwt")):
+                ax = axes[row][column]
+                for (method, curve_knob), points in sorted(curves.items()):
+                    if curve_knob != knob:
+                        continue
+                    ax.errorbar([x for x, _ in points], [e[key]["mean"] for _, e in points],
+                                yerr=[e[key]["std"] for _, e in points], fmt="o-", capsize=3, label=method)
+                if knob in ("lr", "learning_rate"):
+                    ax.set_xscale("log")
+                if key == "bwt":
+                    ax.axhline(0, color="k", lw=0.6)
+                    ax.set_xlabel(knob)
+                ax.set_ylabel(f"{'Last' if key == 'last' else 'BWT'} (points)")
+                if row == 0:
+                    ax.set_title(f"sensitivity to {knob}")
+                    ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / "sensitivity.png"
         fig.savefig(path, dpi=90)
@@ -1195,7 +1203,7 @@ def bench_command(args: argparse.Namespace) -> int:
         sweep_methods=args.sweep_methods, workers=args.workers, threads=args.threads, fresh=args.fresh,
         report_only=args.report_only, name=args.name,
         plots=not args.no_plots,
-        title="quick" if args.quick else "full", command=command,
+        title="quick" if args.quick else "full", command=command, log=lambda *parts: print(*parts, flush=True),
     )
     return 0
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from ..reference import DEFAULT_REFERENCE, REFERENCE_CHOICES, Reference
 from .data import DataSource
 
 
@@ -133,9 +134,10 @@ class LifelongConfig:
         metadata={"help": "FPOConfig fields shared by all tasks (learning_rate, beta, focal_gamma, ...)."},
     )
     memory: MemorySettings = field(default_factory=MemorySettings, metadata={"help": "SLMC settings."})
-    reference: Literal["base", "previous_task"] = field(
-        default="base",
-        metadata={"help": "Reference policy: 'base' (adapter disabled) or 'previous_task' (policy at task start)."},
+    reference: Reference = field(
+        default=DEFAULT_REFERENCE,
+        metadata={"help": "Reference policy: 'previous_task' (the policy as the task starts, the default) or 'base' "
+                          "(adapter disabled, as in LifeAlign's official code)."},
     )
     replay: ReplaySettings = field(default_factory=ReplaySettings, metadata={"help": "Replay buffer settings."})
     sft_warmup: SFTWarmupSettings = field(default_factory=SFTWarmupSettings, metadata={"help": "SFT warm-up."})
@@ -223,7 +225,7 @@ def validate_config(config: LifelongConfig) -> None:
         eval_names = [spec.name for spec in config.eval_sets]
         if len(set(eval_names)) != len(eval_names) or not eval_names:
             raise RecipeError(f"eval_sets: names must be unique and at least one set given (got {eval_names})")
-    if config.reference not in ("base", "previous_task"):
+    if config.reference not in REFERENCE_CHOICES:
         raise RecipeError(f"reference: expected 'base' or 'previous_task', got {config.reference!r}")
     if config.optimizer not in ("reset", "carry"):
         raise RecipeError(f"optimizer: expected 'reset' or 'carry', got {config.optimizer!r}")

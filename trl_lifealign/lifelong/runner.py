@@ -376,7 +376,8 @@ def _load_all_data(config: LifelongConfig):
     return task_data, eval_sets, eval_summaries
 
 
-def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: list | None = None) -> LifelongResult:
+def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: list | None = None,
+                 show_progress: bool | None = None) -> LifelongResult:
     """Run (or resume) the task sequence of `config`; returns the evaluation matrix, metrics and the run directory.
 
     Args:
@@ -384,6 +385,8 @@ def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: 
         model: an in-memory causal LM (or a `PeftModel` with a `default` LoRA adapter) instead of `config.model`.
         tokenizer: its tokenizer (default: loaded from `config.tokenizer` / `config.model`).
         callbacks: extra `transformers.TrainerCallback`s added to every task's preference trainer (logging, ...).
+        show_progress: progress bars for tasks, training and evaluation (default: on the main process only; False
+            e.g. when several runs share one terminal).
 
     Works in one process and under `accelerate launch` (DDP or DeepSpeed ZeRO-3): every rank runs the loop, rank 0
     writes the files.
@@ -423,7 +426,7 @@ def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: 
     model, tokenizer = _load_model_and_tokenizer(config, model, tokenizer)
     model = _wrap_lora(config, model)
     completed_at_start = list(completed)
-    show = main
+    show = main if show_progress is None else (main and show_progress)
 
     # π₀ log-probs: once, before the first task (a resumed run reads them back).
     evaluation = config.evaluation
