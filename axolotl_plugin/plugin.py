@@ -24,6 +24,7 @@ args.py).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,6 @@ except ModuleNotFoundError as error:
             raise ModuleNotFoundError(
                 f"{PLUGIN_PATH} needs Axolotl: pip install 'trl-lifealign[axolotl]'"
             ) from _AXOLOTL_MISSING
-
-    import logging
 
     get_logger = logging.getLogger
 
@@ -101,11 +100,13 @@ class LifeAlignPlugin(BasePlugin):
                 f"imported before {PLUGIN_PATH} was registered (another plugin or custom code imported it at import "
                 "time). Import it lazily, or list the LifeAlign plugin first."
             )
-        return {
+        from trl_lifealign.distributed import cpu_process_group_defaults
+
+        return cpu_process_group_defaults({
             "focal_gamma": float(cfg.lifealign_focal_gamma),
             "lifealign_previous_adapter": cfg.lifealign_previous_adapter,
             "lifealign_reference": cfg.lifealign_reference,
-        }
+        })
 
     def pre_model_load(self, cfg) -> None:
         """Fail before the (possibly long) model load if the previous stage's adapter is not there."""
@@ -165,7 +166,9 @@ class LifeAlignPlugin(BasePlugin):
             summary["replayed_pairs"] = getattr(self, "_replayed_pairs", 0)
             summary["global_step"] = trainer.state.global_step
         if report is not None:
-            LOG.info("LifeAlign consolidation: %s", json.dumps(report.metrics(), sort_keys=True))
+            # Rank 0 only (checked above). Not through Axolotl's rank-aware LOG: after a multi-process run Axolotl has
+            # destroyed the process group before post_train, and that logger's rank check then raises.
+            logging.getLogger(__name__).info("LifeAlign consolidation: %s", json.dumps(report.metrics(), sort_keys=True))
         atomic_write_json(Path(cfg.output_dir) / STAGE_SUMMARY_FILE, summary, indent=1, default=str)
 
     def post_trainer_create(self, cfg, trainer) -> None:

@@ -81,8 +81,8 @@ class AxolotlFPOTrainer(FPOTrainer, AxolotlDPOTrainer):
             self._record_start_adapter(previous, reference)
 
     def _record_start_adapter(self, previous: str, reference: str) -> None:
-        """Write `<output_dir>/lifealign_start_adapter.json`: per-tensor sum and norm of the adapter as loaded, and
-        the reference the stage uses (with `previous_task`: whether TRL's frozen "ref" adapter equals that start).
+        """Write `<output_dir>/lifealign_start_adapter.json`: per-tensor sum and norm of the adapter as loaded, the
+        reference the stage uses (with `previous_task`: whether TRL's frozen "ref" adapter equals that start).
 
         Read back from the model's parameters (not the file), so it shows what this stage really starts from; the
         chain and the tests compare it with the previous stage's saved (consolidated) adapter.

@@ -2,7 +2,7 @@
 # Create (or reuse) a virtual environment for one of the project's two supported stacks and print its path.
 #
 #   scripts/env.sh latest    newest trl / transformers / peft, with DeepSpeed and bitsandbytes (the default stack)
-#   scripts/env.sh axolotl   Axolotl 0.19.0 and its exact pins (trl 1.9.0, transformers 5.16.1, peft 0.20.0)
+#   scripts/env.sh axolotl   Axolotl 0.19.0 and its exact pins (trl 1.9.0, transformers 5.16.1, peft 0.20.0), DeepSpeed 0.18.9
 #
 # Environments are cached under $LIFEALIGN_ENV_ROOT (default ~/.cache/trl-lifealign/envs), keyed by a hash of
 # everything that decides their content, so a second call is instant and an edited dependency list rebuilds.
@@ -14,7 +14,7 @@ root="${LIFEALIGN_ENV_ROOT:-$HOME/.cache/trl-lifealign/envs}"
 python="${PYTHON:-python3}"
 case "$stack" in
   latest)  extras="test,eval,deepspeed,bitsandbytes" ;;
-  axolotl) extras="test,eval" ;;
+  axolotl) extras="test,eval,deepspeed" ;;
   *) echo "env.sh: unknown stack '$stack' (expected 'latest' or 'axolotl')" >&2; exit 2 ;;
 esac
 constraints="$repo/scripts/constraints-$stack.txt"

@@ -53,3 +53,27 @@ def axolotl_train(config_file: Path, timeout: float = 180):
     """`axolotl train CONFIG --launcher python` (one process) through this interpreter."""
     return run([sys.executable, "-m", "axolotl.cli.main", "train", str(config_file), "--launcher", "python"],
                cwd=config_file.parent, timeout=timeout)
+
+
+def assert_first_stage_saved_consolidated(stage_dir: Path, factors: int = 4) -> None:
+    """The first stage's LoRA B started at zero, so its saved value is the whole task update: it must equal the single
+    consolidated direction the memory stored (a raw, un-denoised rank-4 update would not)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from trl_lifealign.slmc import LongTermMemory
+
+    saved = load_file(str(stage_dir / "adapter_model.safetensors"))
+    memory = LongTermMemory.load(stage_dir / "memory")
+    checked = 0
+    for name, tensor in saved.items():
+        if ".lora_B." not in name:
+            continue
+        basis = memory.basis(name.replace(".lora_B.weight", ".lora_B.default.weight"))
+        assert basis.shape[0] == 1
+        update = tensor.double().flatten()
+        direction = basis[0].double()
+        cosine = torch.dot(update, direction) / (update.norm() * direction.norm())
+        assert abs(cosine.item()) > 1 - 1e-6, f"{name}: saved adapter is not the consolidated update"
+        checked += 1
+    assert checked == factors

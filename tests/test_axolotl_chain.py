@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from _axolotl_utils import copy_tiny_recipe, run_chain
+from _axolotl_utils import assert_first_stage_saved_consolidated, copy_tiny_recipe, run_chain
 
 pytestmark = pytest.mark.axolotl
 
@@ -63,27 +63,8 @@ def test_memory_records_two_consolidations(finished_chain):
 
 
 def test_stage1_saved_adapter_is_the_consolidated_one(finished_chain):
-    """Stage 1's LoRA B started at zero, so its saved value is the whole task update: it must equal the single
-    consolidated direction the memory stored (a raw, un-denoised rank-4 update would not)."""
-    from safetensors.torch import load_file
-
-    from trl_lifealign.slmc import LongTermMemory
-
     _, chain_dir, _ = finished_chain
-    saved = load_file(str(chain_dir / "facts" / "adapter_model.safetensors"))
-    memory = LongTermMemory.load(chain_dir / "facts" / "memory")
-    checked = 0
-    for name, tensor in saved.items():
-        if ".lora_B." not in name:
-            continue
-        basis = memory.basis(name.replace(".lora_B.weight", ".lora_B.default.weight"))
-        assert basis.shape[0] == 1
-        update = tensor.double().flatten()
-        direction = basis[0].double()
-        cosine = torch.dot(update, direction) / (update.norm() * direction.norm())
-        assert abs(cosine.item()) > 1 - 1e-6, f"{name}: saved adapter is not the consolidated update"
-        checked += 1
-    assert checked == 4
+    assert_first_stage_saved_consolidated(chain_dir / "facts")
 
 
 def test_stage2_starts_from_stage1_adapter(finished_chain):

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_copytree, atomic_write_json
+from ..distributed import cpu_process_group_defaults
 from .data import PreferenceData, load_preference_data
 from .evaluation import SCORERS, EvalSet, evaluate_generation, evaluate_preferences, preference_scores, reference_logps
 from .recipe import LifelongConfig
@@ -90,13 +91,6 @@ class _Ranks:
 
 def _state() -> _Ranks:
     return _Ranks()
-
-
-def _distributed_defaults(values: dict[str, Any]) -> dict[str, Any]:
-    # Launched on CPU ranks (no CUDA), accelerate only counts the ranks when a backend is named.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        values.setdefault("ddp_backend", "gloo")
-    return values
 
 
 def config_fingerprint(config: LifelongConfig, model_given: bool) -> str:
@@ -309,7 +303,7 @@ def _training_args(config: LifelongConfig, task_index: int, output_dir: Path):
     values.update(config.training)
     values.update(config.tasks[task_index].overrides)
     values.update(output_dir=str(output_dir), seed=config.seed + task_index)
-    return FPOConfig(**_distributed_defaults(values))
+    return FPOConfig(**cpu_process_group_defaults(values))
 
 
 def _sft_warmup(config: LifelongConfig, model, tokenizer, rows: list[dict], task_index: int, output_dir: Path,
@@ -347,7 +341,7 @@ def _sft_warmup(config: LifelongConfig, model, tokenizer, rows: list[dict], task
     shared = {k: v for k, v in config.training.items() if k in ("bf16", "fp16", "gradient_checkpointing",
                                                                 "gradient_accumulation_steps", "use_cpu",
                                                                 "ddp_backend")}
-    shared = _distributed_defaults(shared)
+    shared = cpu_process_group_defaults(shared)
     args = TrainingArguments(
         output_dir=str(output_dir), learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
         per_device_train_batch_size=settings.per_device_train_batch_size, seed=config.seed + task_index,

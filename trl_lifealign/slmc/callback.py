@@ -59,6 +59,7 @@ class ConsolidationReport:
         memory_disk_bytes / memory_ram_bytes: long-term memory size after the boundary.
         snapshot_ram_bytes: size of the snapshot held between boundaries.
         factors: per factor {"kept_rank", "kept_energy", "conflict", "basis_rank"}.
+        zero3_partitioned: the factors were partitioned by DeepSpeed ZeRO-3 (gathered for the boundary).
     """
 
     task_index: int
@@ -72,6 +73,7 @@ class ConsolidationReport:
     memory_ram_bytes: int
     snapshot_ram_bytes: int
     factors: dict[str, dict[str, float]] = field(default_factory=dict)
+    zero3_partitioned: bool = False
 
     def metrics(self) -> dict[str, float]:
         """Scalar metrics named ``slmc/...`` for trainer logs."""
@@ -395,6 +397,7 @@ class MemoryConsolidationCallback(TrainerCallback):
                 "conflict": (in_span / denoised) ** 0.5 if denoised else 0.0,
                 "update_norm": sum(s["update_sq"] for s in stats.values()) ** 0.5,
                 "consolidated_norm": sum(s["consolidated_sq"] for s in stats.values()) ** 0.5,
+                "zero3_partitioned": any(_is_zero3(param) for param in factors.values()),
             }
             memory.history.append(
                 {**summary, "energy_threshold": self.energy_threshold, "overlap_weight": self.overlap_weight}
