@@ -59,9 +59,14 @@ def remove_in_span(earlier: list[torch.Tensor], update: torch.Tensor, overlap_we
 
 
 def _load_run(run_dir: Path):
+    """The run's configuration and, per finished task, its directory and saved adapter."""
     from safetensors.torch import load_file
 
-    config = json.loads((run_dir / "config.json").read_text())
+    from trl_lifealign.lifelong.recipe import LifelongConfig, from_dict
+
+    stored = json.loads((run_dir / "config.json").read_text())
+    stored.pop("fingerprint", None)
+    config = from_dict(LifelongConfig, stored)
     task_dirs = sorted(p.parent for p in (run_dir / "tasks").glob("*/adapter"))
     if len(task_dirs) < 2:
         raise SystemExit(f"{run_dir}: needs at least two finished tasks (tasks/*/adapter), found {len(task_dirs)}")
@@ -70,19 +75,15 @@ def _load_run(run_dir: Path):
     return config, task_dirs, states, adapter_config
 
 
-def _initial_adapter(base_path: str, adapter_config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """The adapter as the runner created it before the first task (same LoRA settings, same seed)."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+def _initial_adapter(config, base_path: str) -> dict[str, torch.Tensor]:
+    """The adapter as the runner created it before the first task (its own LoRA wrapping, same seed)."""
+    from peft import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    lora = LoraConfig(r=adapter_config["r"], lora_alpha=adapter_config["lora_alpha"],
-                      target_modules=adapter_config["target_modules"], task_type="CAUSAL_LM",
-                      lora_dropout=adapter_config.get("lora_dropout", 0.0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, lora)
-    return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    from trl_lifealign.lifelong.runner import wrap_lora
+
+    model = wrap_lora(config, AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32))
+    return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _modules(state: dict[str, torch.Tensor]) -> list[str]:
@@ -92,13 +93,13 @@ def _modules(state: dict[str, torch.Tensor]) -> list[str]:
 def analyse(run_dir: Path, lambdas: tuple[float, ...] = (0.5, 0.0)) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_lifealign.lifelong.data import DataSource, load_preference_data
-    from trl_lifealign.lifelong.evaluation import EvalSet, evaluate_preferences
+    from trl_lifealign.lifelong.evaluation import evaluate_preferences
+    from trl_lifealign.lifelong.runner import load_eval_sets
 
     config, task_dirs, states, adapter_config = _load_run(run_dir)
     base_path = adapter_config["base_model_name_or_path"]
     scale = adapter_config["lora_alpha"] / adapter_config["r"]
-    states = [_initial_adapter(base_path, adapter_config, int(config["seed"]))] + states
+    states = [_initial_adapter(config, base_path)] + states
     modules = _modules(states[0])
     tasks = len(states) - 1
 
@@ -129,11 +130,8 @@ def analyse(run_dir: Path, lambdas: tuple[float, ...] = (0.5, 0.0)) -> dict:
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     base_weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     reference = json.loads((run_dir / "reference_logps.json").read_text())
-    eval_sets = []
-    for spec in config["eval_sets"] or [{"name": t["name"], "source": t["eval"]} for t in config["tasks"]]:
-        source = DataSource(**spec["source"])
-        eval_sets.append(EvalSet(spec["name"], load_preference_data(source, config["skip_bad_rows"]).rows))
-    batch, max_length = config["evaluation"]["batch_size"], config["evaluation"]["max_length"]
+    eval_sets, _ = load_eval_sets(config)  # the run's own matrix columns
+    batch, max_length = config.evaluation.batch_size, config.evaluation.max_length
 
     def weight_name(module: str) -> str:  # base_model.model.X.q_proj -> X.q_proj.weight
         return module.removeprefix("base_model.model.") + ".weight"

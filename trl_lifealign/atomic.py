@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +57,16 @@ def atomic_write_json(path: str | Path, data: Any, **json_kwargs: Any) -> None:
     atomic_write_text(path, json.dumps(data, **json_kwargs) + "\n")
 
 
-def atomic_copytree(source: str | Path, target: str | Path) -> None:
-    """Copy directory ``source`` to ``target`` so that ``target`` appears complete or not at all.
+def atomic_write_dir(target: str | Path, write: Callable[[Path], Any]) -> None:
+    """Build directory ``target`` through ``write(staging_dir)`` so that it appears complete or not at all.
 
-    An existing ``target`` is replaced only once the new copy is complete.
+    An existing ``target`` is replaced only once the new one is complete.
     """
-    source, target = Path(source), Path(target)
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
+        write(staging)
         if target.exists():
             retired = staging.with_name(staging.name + ".old")
             os.replace(target, retired)
@@ -77,6 +78,11 @@ def atomic_copytree(source: str | Path, target: str | Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def atomic_copytree(source: str | Path, target: str | Path) -> None:
+    """Copy directory ``source`` to ``target`` so that ``target`` appears complete or not at all."""
+    atomic_write_dir(target, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
 
 
 def sha256_file(path: str | Path, block_size: int = 1 << 24) -> str:

@@ -23,12 +23,13 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_dir, atomic_write_json, atomic_write_text
 
 # The paper's default order without Capybara-Preferences (absent from the public data snapshot).
 PAPER_ORDER = ("HC3", "hh-rlhf-harmless-base", "hh-rlhf-helpful-base", "safe-rlhf", "TruthfulQA")
@@ -296,12 +297,7 @@ def _sample(rows: list[dict[str, str]], count: int | None, seed: int) -> list[di
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def prepare_task_data(
@@ -371,27 +367,6 @@ def _fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _atomic_dir(final: Path, write) -> None:
-    """Write a directory through ``write(tmp_dir)`` and move it into place atomically (a crash leaves no half dir)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _atomic_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def build_tokenizer(output_dir: Path, corpus: list[str], settings: BenchSettings):
     """Train (or load the cached) BPE tokenizer on the train splits."""
     from transformers import AutoTokenizer
@@ -404,7 +379,7 @@ def build_tokenizer(output_dir: Path, corpus: list[str], settings: BenchSettings
     if not path.is_dir():
         # The limit only feeds a warning: a prompt and its answer tokenized jointly can be a token longer than apart.
         tokenizer = train_tokenizer(corpus, vocab_size=settings.vocab_size, model_max_length=2 * settings.max_length)
-        _atomic_dir(path, tokenizer.save_pretrained)
+        atomic_write_dir(path, tokenizer.save_pretrained)
     return AutoTokenizer.from_pretrained(path), path
 
 
@@ -505,7 +480,7 @@ def build_warm_model(path: str, tokenizer_dir: str, texts: list[str], settings: 
         tokenizer.save_pretrained(tmp)
         (tmp / "warmup.json").write_text(json.dumps(stats, indent=2) + "\n")
 
-    _atomic_dir(Path(path), write)
+    atomic_write_dir(path, write)
     return stats
 
 
@@ -608,7 +583,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "runner_seconds": result.seconds,
         "threads": job["threads"],
     }
-    _atomic_json(run_dir / RESULT_FILE, record)
+    atomic_write_json(run_dir / RESULT_FILE, record, sort_keys=True, default=str)
     return record
 
 
@@ -1082,9 +1057,9 @@ def run_benchmark(
     if plots and summary:
         plot_dir = output_dir / ("plots" if name == "bench" else f"plots-{name}")
         payload["plots"] = [str(p.relative_to(output_dir)) for p in write_plots(summary, plot_dir, settings)]
-    _atomic_json(output_dir / f"{name}.json", payload)
+    atomic_write_json(output_dir / f"{name}.json", payload, sort_keys=True, default=str)
     markdown = render_markdown(summary, meta)
-    (output_dir / f"{name}.md").write_text(markdown)
+    atomic_write_text(output_dir / f"{name}.md", markdown)
     log(markdown)
     return payload
 

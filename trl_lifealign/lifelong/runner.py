@@ -158,7 +158,7 @@ def _rebuild_for_new_engine(config: LifelongConfig, model):
     weights = adapter_state(model)
     del model
     gc.collect()
-    fresh = _wrap_lora(config, _load_model(config))
+    fresh = wrap_lora(config, _load_model(config))
     load_adapter_state(fresh, weights)
     return fresh
 
@@ -271,7 +271,8 @@ def _load_model_and_tokenizer(config: LifelongConfig, model, tokenizer):
     return model, tokenizer
 
 
-def _wrap_lora(config: LifelongConfig, model):
+def wrap_lora(config: LifelongConfig, model):
+    """`model` with the run's LoRA adapter, initialised from `config.seed` (a `PeftModel` is checked and kept)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
@@ -357,17 +358,22 @@ def _sft_warmup(config: LifelongConfig, model, tokenizer, rows: list[dict], task
 # the run
 
 
-def _load_all_data(config: LifelongConfig):
-    task_data: list[list[PreferenceData]] = []
-    for task in config.tasks:
-        task_data.append([load_preference_data(source, config.skip_bad_rows) for source in task.train_sources()])
+def load_eval_sets(config: LifelongConfig) -> tuple[list[EvalSet], list[dict[str, Any]]]:
+    """The run's evaluation sets (the matrix columns, `evaluation.max_rows` applied) and a summary of each."""
     eval_sets, eval_summaries = [], []
     for spec in config.resolved_eval_sets():
         data = load_preference_data(spec.source, config.skip_bad_rows)
         rows = data.rows[: config.evaluation.max_rows] if config.evaluation.max_rows else data.rows
         eval_sets.append(EvalSet(spec.name, rows))
         eval_summaries.append({"name": spec.name, **data.summary(), "rows_evaluated": len(rows)})
-    return task_data, eval_sets, eval_summaries
+    return eval_sets, eval_summaries
+
+
+def _load_all_data(config: LifelongConfig):
+    task_data: list[list[PreferenceData]] = []
+    for task in config.tasks:
+        task_data.append([load_preference_data(source, config.skip_bad_rows) for source in task.train_sources()])
+    return (task_data, *load_eval_sets(config))
 
 
 def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: list | None = None,
@@ -418,7 +424,7 @@ def run_lifelong(config: LifelongConfig, model=None, tokenizer=None, callbacks: 
         raise ValueError("under DeepSpeed the runner reloads the model for every stage: set `model` (a path or hub "
                          "id) instead of passing an in-memory model")
     model, tokenizer = _load_model_and_tokenizer(config, model, tokenizer)
-    model = _wrap_lora(config, model)
+    model = wrap_lora(config, model)
     completed_at_start = list(completed)
     show = main if show_progress is None else (main and show_progress)
 
