@@ -4,23 +4,30 @@
       - axolotl_plugin.LifeAlignPlugin
     lifealign_memory_dir: ./outputs/memory
 
-The plugin class lives in `axolotl_plugin.plugin` and is loaded on first access (Axolotl's plugin loader does
-`getattr(axolotl_plugin, "LifeAlignPlugin")`), so importing the package (the args model, the chain command) does not
-pay for importing Axolotl. See README.md in this folder.
+Everything is loaded on first access (Axolotl's plugin loader does `getattr(axolotl_plugin, "LifeAlignPlugin")`), so
+importing the package (the command line, the chain file reader) pays neither for Axolotl nor for pydantic. See
+README.md in this folder.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .args import PLUGIN_PATH, TRAINER_PATH, LifeAlignArgs, LifeAlignTrainingArgsMixin
+_EXPORTS = {
+    "LifeAlignPlugin": "plugin",
+    "LifeAlignArgs": "args",
+    "LifeAlignTrainingArgsMixin": "args",
+    "PLUGIN_PATH": "spec",
+    "TRAINER_PATH": "spec",
+}
 
-__all__ = ["LifeAlignPlugin", "LifeAlignArgs", "LifeAlignTrainingArgsMixin", "PLUGIN_PATH", "TRAINER_PATH"]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name == "LifeAlignPlugin":
-        value = importlib.import_module(".plugin", __name__).LifeAlignPlugin
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'axolotl_plugin' has no attribute {name!r}")
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'axolotl_plugin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module_name}"), name)
+    globals()[name] = value
+    return value

@@ -9,11 +9,11 @@ Chain file:
       batch_size: 8
       max_length: 512
 
-After each finished stage the chain process loads the base model (4-bit if the stage config says `load_in_4bit`)
-with the stage's adapter and scores every eval set: implicit-reward preference accuracy and margin against the base
-model π₀ (computed once and cached in `output_dir/chain_eval_reference.json`). The rows go into the chain state;
-at the end `report.json`, `report.md` and the PNGs are written to the chain's output dir by the lifelong runner's
-report code (Last / AP / BWT / FWT).
+After each finished stage the chain process loads the base model exactly as Axolotl trained it
+(``trl_lifealign.adapters.load_base_model``: the stage's dtype, and for QLoRA the same NF4 / double-quantised config,
+``bnb_config_kwargs`` included) with the stage's adapter, and scores every eval set: implicit-reward preference accuracy
+and margin against the base model π₀ (computed once and cached in ``output_dir/chain_eval_initial_logps.json``). The
+rows go into the chain state; at the end the lifelong runner's ``LifelongReport`` is written to the chain's output dir.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from typing import Any
 
 from trl_lifealign.atomic import atomic_write_json
 
-REFERENCE_FILE = "chain_eval_reference.json"
+from .spec import EVAL_CACHE_FILE, STAGE_SUMMARY_FILE, ChainError, ChainSpec, stage_dir
+
 _EVAL_KEYS = {"eval_sets", "batch_size", "max_length"}
 
 
-def _eval_settings(chain) -> tuple[list, int, int]:
-    from trl_lifealign.lifelong import DataSource, EvalSet, load_preference_data
-
-    from .chain import ChainError
+def _eval_settings(chain: ChainSpec) -> tuple[list, int, int]:
+    from trl_lifealign.lifelong.data import DataSource, load_preference_data
+    from trl_lifealign.lifelong.evaluation import EvalSet
 
     settings = chain.evaluation or {}
     unknown = sorted(set(settings) - _EVAL_KEYS)
@@ -56,10 +56,8 @@ def _eval_settings(chain) -> tuple[list, int, int]:
     return eval_sets, int(settings.get("batch_size", 8)), int(settings.get("max_length", 512))
 
 
-def check_evaluation(chain) -> None:
+def check_evaluation(chain: ChainSpec) -> None:
     """Load the eval sets now and check there is one per stage at least (column j = stage j's eval set)."""
-    from .chain import ChainError
-
     eval_sets, _, _ = _eval_settings(chain)
     if len(eval_sets) < len(chain.stages):
         raise ChainError(
@@ -68,22 +66,19 @@ def check_evaluation(chain) -> None:
         )
 
 
-def _load_base(chain, config: dict[str, Any]):
+def load_stage_base(chain: ChainSpec, config: dict[str, Any]):
+    """The base model and tokenizer of a stage, loaded the way Axolotl loads them for training."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from trl_lifealign.adapters import load_base_model
 
     base = config["base_model"]
     local = chain.root / base  # a local path is relative to the chain directory, like in the stage processes
     base = str(local) if local.exists() else base
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if config.get("bf16") in (True, "auto") else torch.float32}
-    if config.get("load_in_4bit"):
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=kwargs["dtype"])
-    if torch.cuda.is_available():
-        kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    dtype = torch.bfloat16 if config.get("bf16") in (True, "auto") else torch.float32
+    extra = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    model = load_base_model(base, dtype, bool(config.get("load_in_4bit")), config.get("bnb_config_kwargs"), **extra)
     tokenizer = AutoTokenizer.from_pretrained(config.get("tokenizer_config") or base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -91,75 +86,53 @@ def _load_base(chain, config: dict[str, Any]):
     return model, tokenizer
 
 
-def evaluate_stage(chain, index: int, config: dict[str, Any]) -> dict[str, Any]:
-    """Score the adapter of stage `index` on every eval set; returns {"row": [...], "seconds": ...}."""
+def evaluate_stage(chain: ChainSpec, index: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Score the adapter of stage `index` on every eval set; returns {"row": [...], "eval_names", "seconds"}."""
     from peft import PeftModel
 
-    from trl_lifealign.lifelong import evaluate_preferences, reference_logps
-
-    from .chain import stage_dir
+    from trl_lifealign.lifelong.evaluation import (evaluate_preferences, initial_policy_logps, preference_scores,
+                                                   prepare_eval_sets)
 
     started = time.time()
     eval_sets, batch_size, max_length = _eval_settings(chain)
-    model, tokenizer = _load_base(chain, config)
-    reference_path = chain.output_dir / REFERENCE_FILE
-    if reference_path.is_file():
-        cached = json.loads(reference_path.read_text())
+    model, tokenizer = load_stage_base(chain, config)
+    prepared = prepare_eval_sets(tokenizer, eval_sets, max_length)
+    cache_path = chain.output_dir / EVAL_CACHE_FILE
+    if cache_path.is_file():
+        cached = json.loads(cache_path.read_text(encoding="utf-8"))
     else:
-        reference = reference_logps(model, tokenizer, eval_sets, batch_size, max_length)
-        initial_row = evaluate_preferences(model, tokenizer, eval_sets, reference, batch_size, max_length)
-        cached = {"reference": reference, "initial_row": initial_row}
-        atomic_write_json(reference_path, cached, indent=1)
-    missing = [s.name for s in eval_sets if s.name not in cached["reference"]]
+        initial = initial_policy_logps(model, prepared, batch_size)
+        cached = {"initial_logps": initial, "initial_row": [
+            {**preference_scores(initial[s.name], initial[s.name]), "dropped": s.dropped} for s in prepared]}
+        atomic_write_json(cache_path, cached, indent=1)
+    missing = [s.name for s in prepared if s.name not in cached["initial_logps"]]
     if missing:
-        raise RuntimeError(f"{reference_path} has no π₀ log-probs for {missing}: delete it to recompute")
+        raise ChainError(f"{cache_path} has no π₀ log-probs for {missing}: delete it to recompute")
     model = PeftModel.from_pretrained(model, str(stage_dir(chain, index)))
-    model.eval()
-    row = evaluate_preferences(model, tokenizer, eval_sets, cached["reference"], batch_size, max_length)
+    row = evaluate_preferences(model, prepared, cached["initial_logps"], batch_size)
     return {"row": row, "eval_names": [s.name for s in eval_sets], "seconds": round(time.time() - started, 1)}
 
 
-def write_chain_report(chain, state: dict[str, Any]) -> dict[str, Any]:
-    """report.json / report.md / PNGs (the lifelong runner's format) in the chain output dir; returns paths."""
-    from trl_lifealign.lifelong import continual_metrics
-    from trl_lifealign.lifelong.report import write_report
+def write_chain_report(chain: ChainSpec, state: dict[str, Any]) -> dict[str, Any]:
+    """The lifelong runner's report (report.json / report.md / PNGs) in the chain output dir."""
+    from trl_lifealign.lifelong.report import LifelongReport, TaskRecord, write_report
 
-    from .chain import stage_dir
-
-    cached = json.loads((chain.output_dir / REFERENCE_FILE).read_text())
-    names = [stage.name for stage in chain.stages]
-    records = [state["stages"][name] for name in names]
-    eval_names = records[0]["evaluation"]["eval_names"]
-    accuracy = [[cell["accuracy"] for cell in r["evaluation"]["row"]] for r in records]
-    margin = [[cell["margin"] for cell in r["evaluation"]["row"]] for r in records]
-    initial_accuracy = [cell["accuracy"] for cell in cached["initial_row"]]
-    initial_margin = [cell["margin"] for cell in cached["initial_row"]]
+    cached = json.loads((chain.output_dir / EVAL_CACHE_FILE).read_text(encoding="utf-8"))
+    records = [state["stages"][stage.name] for stage in chain.stages]
     tasks = []
-    for index, (name, record) in enumerate(zip(names, records)):
-        summary_path = stage_dir(chain, index) / "lifealign_stage_summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        consolidation = summary.get("consolidation") or {}
-        tasks.append({
-            "name": name,
-            "train_pairs": summary.get("train_pairs", 0),
-            "replayed_pairs": summary.get("replayed_pairs", 0),
-            "data": [{"skipped_total": 0}],
-            "train": {"train_loss": float(summary.get("train_loss", float("nan")))},
-            "consolidation": {"kept_energy": consolidation.get("slmc/kept_energy"),
-                              "conflict": consolidation.get("slmc/conflict")},
-            "seconds": float(record.get("seconds", 0.0)),
-        })
-    report = {
-        "task_names": names,
-        "eval_names": eval_names,
-        "matrix": {"accuracy": accuracy, "margin": margin},
-        "initial_row": {"accuracy": initial_accuracy, "margin": initial_margin},
-        "metrics": continual_metrics(accuracy, initial_accuracy),
-        "margin_metrics": continual_metrics(margin, initial_margin),
-        "seconds": sum(float(r.get("seconds", 0.0)) for r in records),
-        "settings": {"driver": "lifealign axolotl-chain", "chain": str(chain.path)},
-        "eval_data": [],
-        "tasks": tasks,
-        "skipped_rows_total": 0,
-    }
-    return {"files": [str(p) for p in write_report(chain.output_dir, report)], "metrics": report["metrics"]}
+    for index, (stage, record) in enumerate(zip(chain.stages, records)):
+        summary_path = stage_dir(chain, index) / STAGE_SUMMARY_FILE
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+        consolidation = summary.get("consolidation")
+        tasks.append(TaskRecord(
+            name=stage.name, row=record["evaluation"]["row"], dir=stage.name,
+            train_pairs=summary.get("train_pairs") or 0, replayed_pairs=summary.get("replayed_pairs") or 0,
+            train_loss=summary.get("train_loss"), steps=summary.get("global_step"),
+            consolidation={k.removeprefix("slmc/"): v for k, v in consolidation.items()} if consolidation else None,
+            seconds=float(record.get("seconds", 0.0))))
+    report = LifelongReport(
+        task_names=[stage.name for stage in chain.stages], eval_names=records[0]["evaluation"]["eval_names"],
+        tasks=tasks, initial_cells=cached["initial_row"],
+        settings={"driver": "lifealign axolotl-chain", "chain": str(chain.path)},
+        seconds=sum(float(r.get("seconds", 0.0)) for r in records))
+    return {"files": [str(p) for p in write_report(chain.output_dir, report)], "metrics": report.metrics}

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from trl_lifealign.atomic import atomic_write_json
 
-from .args import PLUGIN_PATH, TRAINER_PATH, LifeAlignArgs, LifeAlignTrainingArgsMixin
+from .args import SLMC_KEYS, LifeAlignArgs, LifeAlignTrainingArgsMixin
+from .spec import PLUGIN_PATH, STAGE_SUMMARY_FILE, TRAINER_PATH
 
 try:
     from axolotl.integrations.base import BasePlugin
@@ -54,7 +54,6 @@ except ModuleNotFoundError as error:
 __all__ = ["LifeAlignPlugin", "LifeAlignArgs", "LifeAlignTrainingArgsMixin", "PLUGIN_PATH", "TRAINER_PATH"]
 
 LOG = get_logger(__name__)
-STAGE_SUMMARY_FILE = "lifealign_stage_summary.json"
 
 
 class LifeAlignPlugin(BasePlugin):
@@ -127,19 +126,42 @@ class LifeAlignPlugin(BasePlugin):
         return meta
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
-        if not cfg.lifealign_consolidate:
-            return []
-        from trl_lifealign.slmc import MemoryConsolidationCallback
+        """The stage's defences and memory-consolidation callback, in the order their hooks must run (the trainer
+        binds them, so their metrics reach its loggers)."""
+        from trl_lifealign.defences.factory import build_defences, ordered_callbacks
 
-        callback = MemoryConsolidationCallback(
-            cfg.lifealign_memory_dir,
-            energy_threshold=cfg.lifealign_energy_threshold,
-            overlap_weight=cfg.lifealign_overlap_weight,
-            adapter_names=cfg.lifealign_adapter_names,
-        )
-        callback.trainer = trainer  # slmc/* metrics then go through trainer.log (W&B, ..., state.log_history)
-        self._callback = callback
-        return [callback]
+        from .args import defence_settings
+
+        memory = None
+        if cfg.lifealign_consolidate:
+            from trl_lifealign.slmc import MemoryConsolidationCallback, SLMCConfig
+
+            settings = {field_: cfg[key] for key, field_ in SLMC_KEYS.items() if cfg[key] is not None}
+            memory = MemoryConsolidationCallback(cfg.lifealign_memory_dir, SLMCConfig(**settings))
+        self._callback = memory
+        defences_settings = defence_settings(cfg)
+        monitor, monitor_logps = self._budget_monitor(cfg, trainer) if cfg.lifealign_forgetting_budget else ([], {})
+        defences = build_defences(defences_settings, cfg.lifealign_defences_dir or Path(cfg.output_dir) / "defences",
+                                  monitor_sets=monitor, monitor_logps=monitor_logps)
+        for defence in defences.values():
+            defence.start_task(int(cfg.lifealign_task_index or 0))
+        self._defences = defences
+        return ordered_callbacks(defences, memory)
+
+    @staticmethod
+    def _budget_monitor(cfg, trainer):
+        """The budget's monitor sets, tokenised like training pairs, and π₀'s log-probs on them (adapters off)."""
+        from trl_lifealign.lifelong.data import DataSource, load_preference_data
+        from trl_lifealign.lifelong.evaluation import EvalSet, initial_policy_logps, prepare_eval_sets
+
+        sets = []
+        for index, entry in enumerate(cfg.lifealign_budget_monitor_sets):
+            entry = dict(entry)
+            name = entry.pop("name", None) or f"stage{index + 1}"
+            sets.append(EvalSet(name, load_preference_data(DataSource(**entry)).rows))
+        prepared = prepare_eval_sets(trainer.processing_class, sets, cfg.sequence_len)
+        with trainer.model.disable_adapter():
+            return prepared, initial_policy_logps(trainer.model, prepared)
 
     def post_train(self, cfg, model) -> None:
         """Log the stage summary and keep it beside the adapter (Axolotl calls this twice: idempotent).
@@ -148,7 +170,9 @@ class LifeAlignPlugin(BasePlugin):
         are printed here and written, with the training loss and row counts, to
         `<output_dir>/lifealign_stage_summary.json` (rank 0).
         """
-        if int(os.environ.get("RANK", "0")) != 0:
+        from trl_lifealign.distributed import is_main_process
+
+        if not is_main_process():
             return
         report = getattr(getattr(self, "_callback", None), "last_report", None)
         trainer = getattr(self, "_trainer", None)
@@ -158,6 +182,7 @@ class LifeAlignPlugin(BasePlugin):
             "previous_adapter": cfg.lifealign_previous_adapter,
             "memory_dir": cfg.lifealign_memory_dir if cfg.lifealign_consolidate else None,
             "consolidation": report.metrics() if report is not None else None,
+            "defences": {name: d.summary() for name, d in getattr(self, "_defences", {}).items()},
         }
         if trainer is not None:
             losses = [entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry]

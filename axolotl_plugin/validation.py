@@ -11,7 +11,7 @@ import copy
 import importlib
 from typing import Any
 
-from .args import PLUGIN_PATH
+from .spec import PLUGIN_PATH
 
 LIFEALIGN_KEY_PREFIX = "lifealign_"
 

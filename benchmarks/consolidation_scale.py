@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from trl_lifealign.slmc import denoise_by_energy
+from trl_lifealign.slmc import SLMCConfig, denoise_by_energy
 from trl_lifealign.slmc.callback import all_finite, consolidate_factor
 from trl_lifealign.slmc.memory import LongTermMemory, ModelSpec
 
@@ -104,13 +104,14 @@ def build_state(shapes, earlier: int, seed: int):
 
 def ours(snapshot, current, memory, theta, lam):
     """The callback's rank-0 path: raw updates, the all-factors finiteness check, then ``consolidate_factor``."""
+    config = SLMCConfig(energy_threshold=theta, overlap_weight=lam)
     updates = {name: current[name] - snapshot[name] for name in current}
     bad = [name for name, update in updates.items() if not all_finite(update)]
     if bad:
         raise ValueError(f"non-finite update {bad[0]}")
     for name in current:
         # the new factor value replaces the raw update (bounded memory), then is written back into the factor
-        updates[name], _, _ = consolidate_factor(memory, name, updates[name], snapshot[name], theta, lam)
+        updates[name], _, _ = consolidate_factor(memory, name, updates[name], snapshot[name], config)
         current[name] = updates.pop(name)
 
 

@@ -2,7 +2,7 @@
 
 SLMC damps the part of a task's LoRA update that lies in the span of earlier tasks' consolidated updates. That can
 only prevent forgetting if the damaging part of an update lies in that span. This script measures it on a finished
-run of ``lifealign train`` / ``lifealign bench`` (a run directory holding ``config.json``, ``reference_logps.json`` and
+run of ``lifealign train`` / ``benchmarks/lifelong_bench.py`` (a run directory holding ``config.json`` and
 ``tasks/*/adapter``), for every task t > 1:
 
 1. the share of the update's norm inside the span of the earlier updates, per LoRA factor (the paper's and our
@@ -65,7 +65,7 @@ def _load_run(run_dir: Path):
     from trl_lifealign.lifelong.recipe import LifelongConfig, from_dict
 
     stored = json.loads((run_dir / "config.json").read_text())
-    stored.pop("fingerprint", None)
+    stored.pop("fingerprints", None)
     config = from_dict(LifelongConfig, stored)
     task_dirs = sorted(p.parent for p in (run_dir / "tasks").glob("*/adapter"))
     if len(task_dirs) < 2:
@@ -80,9 +80,9 @@ def _initial_adapter(config, base_path: str) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from trl_lifealign.lifelong.runner import wrap_lora
+    from trl_lifealign.adapters import wrap_lora
 
-    model = wrap_lora(config, AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32))
+    model = wrap_lora(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), config.lora, config.seed)
     return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
@@ -93,8 +93,8 @@ def _modules(state: dict[str, torch.Tensor]) -> list[str]:
 def analyse(run_dir: Path, lambdas: tuple[float, ...] = (0.5, 0.0)) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_lifealign.lifelong.evaluation import evaluate_preferences
-    from trl_lifealign.lifelong.runner import load_eval_sets
+    from trl_lifealign.lifelong.evaluation import evaluate_preferences, initial_policy_logps, prepare_eval_sets
+    from trl_lifealign.lifelong.runner import load_eval_sets, uses_chat_template
 
     config, task_dirs, states, adapter_config = _load_run(run_dir)
     base_path = adapter_config["base_model_name_or_path"]
@@ -129,9 +129,10 @@ def analyse(run_dir: Path, lambdas: tuple[float, ...] = (0.5, 0.0)) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     base_weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    reference = json.loads((run_dir / "reference_logps.json").read_text())
-    eval_sets, _ = load_eval_sets(config)  # the run's own matrix columns
-    batch, max_length = config.evaluation.batch_size, config.evaluation.max_length
+    eval_sets, _ = load_eval_sets(config, uses_chat_template(config, tokenizer))  # the run's own matrix columns
+    batch = config.evaluation.batch_size
+    prepared = prepare_eval_sets(tokenizer, eval_sets, config.evaluation.max_length)
+    initial = initial_policy_logps(model, prepared, batch)  # π₀ = the base model (the initial adapter's B is zero)
 
     def weight_name(module: str) -> str:  # base_model.model.X.q_proj -> X.q_proj.weight
         return module.removeprefix("base_model.model.") + ".weight"
@@ -143,7 +144,7 @@ def analyse(run_dir: Path, lambdas: tuple[float, ...] = (0.5, 0.0)) -> dict:
                 params[name].copy_(value)
             for module, delta in deltas.items():
                 params[weight_name(module)].add_(delta)
-        return [r["accuracy"] for r in evaluate_preferences(model, tokenizer, eval_sets, reference, batch, max_length)]
+        return [r["accuracy"] for r in evaluate_preferences(model, prepared, initial, batch)]
 
     def merged(upto: int) -> dict[str, torch.Tensor]:  # sum of the first `upto` updates = s·B·A after task upto-1
         return {m: sum(product[m][:upto]) for m in modules}

@@ -11,7 +11,12 @@ export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMER
 export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 latest="$(bash scripts/env.sh latest)"
 axolotl="$(bash scripts/env.sh axolotl)"
+core="$(bash scripts/env.sh core)"
 status=0
+echo "=== lint: ruff"
+"$latest/bin/ruff" check . || status=$?
+echo "=== core install (pip install ., no extras): lifealign demo"
+bash scripts/check_core_demo.sh "$core" || status=$?
 echo "=== stack: latest ($("$latest/bin/python" -c 'import trl, transformers, peft; print(f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"
 LIFEALIGN_STACK=latest "$latest/bin/python" -m pytest -m "not axolotl" "$@" || status=$?
 echo "=== stack: axolotl ($("$axolotl/bin/python" -c 'import trl, transformers, peft; print(f"trl {trl.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"

@@ -108,7 +108,7 @@ def run(ds_config: str, out_dir: Path) -> None:
     record = boundaries.record
     record["post"].append(gathered_factors(trainer.model))
     record["reports"] = [r.metrics() for r in slmc.reports]
-    record["zero3_partitioned"] = [r.zero3_partitioned for r in slmc.reports]
+    record["sharded"] = [r.sharded for r in slmc.reports]
     record["log_history"] = trainer.state.log_history
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     record["zero_stage"] = trainer.accelerator.state.deepspeed_plugin.zero_stage if distributed else 0

@@ -121,7 +121,8 @@ def drop_ref_adapter(model) -> None:
 
 
 class FactorRecorder:
-    """A TrainerCallback (listed before the SLMC callback) recording factors at train begin and pre-consolidation."""
+    """A TrainerCallback (listed before the SLMC callback) recording factors at train begin and after the last
+    optimizer step, before the SLMC callback consolidates them."""
 
     def __new__(cls, *args, **kwargs):
         from transformers import TrainerCallback
@@ -133,7 +134,8 @@ class FactorRecorder:
             def on_train_begin(self, args, state, control, model=None, **kw):
                 self.begin.append(lora_factors(model))
 
-            def on_train_end(self, args, state, control, model=None, **kw):
-                self.end.append(lora_factors(model))
+            def on_step_end(self, args, state, control, model=None, **kw):
+                if state.global_step >= state.max_steps:
+                    self.end.append(lora_factors(model))
 
         return _Recorder()

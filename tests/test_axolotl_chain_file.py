@@ -19,15 +19,16 @@ def _write(tmp_path, chain: dict, base: dict | None = None):
 
 
 def test_tiny_recipe_renders_chained_stages():
-    from axolotl_plugin.chain import load_chain, render_stage_config
+    from axolotl_plugin.spec import load_chain, render_stage_config
 
     chain = load_chain(TINY_RECIPE / "chain.yml")
     first, second = (render_stage_config(chain, i) for i in range(2))
     assert first["output_dir"] == str(TINY_RECIPE / "outputs" / "chain" / "facts")
-    assert "lifealign_previous_adapter" not in first and "lifealign_replay_datasets" not in first
+    assert "lifealign_previous_adapter" not in first and "lifealign_replay_stages" not in first
     assert second["lifealign_previous_adapter"] == first["output_dir"]
     assert second["lifealign_memory_dir"] == str(TINY_RECIPE / "outputs" / "chain" / "manners" / "memory")
-    assert second["lifealign_replay_datasets"] == first["datasets"]
+    assert second["lifealign_replay_stages"] == [{"name": "facts", "datasets": first["datasets"]}]
+    assert (second["lifealign_replay_fraction"], second["lifealign_replay_capacity"]) == (0.5, 2)
     assert second["datasets"][0]["path"] == "./data/task2.json"
     assert second["plugins"] == ["axolotl_plugin.LifeAlignPlugin"]
 
@@ -46,14 +47,14 @@ def test_tiny_recipe_renders_chained_stages():
     ],
 )
 def test_malformed_chain_files_are_refused(tmp_path, chain, base, message):
-    from axolotl_plugin.chain import ChainError, load_chain
+    from axolotl_plugin.spec import ChainError, load_chain
 
     with pytest.raises(ChainError, match=message):
         load_chain(_write(tmp_path, chain, base))
 
 
 def test_chain_owned_keys_cannot_be_set_by_the_base(tmp_path):
-    from axolotl_plugin.chain import ChainError, load_chain, render_stage_config
+    from axolotl_plugin.spec import ChainError, load_chain, render_stage_config
 
     path = _write(tmp_path, {"base_config": "base.yml", "stages": [{"name": "a"}]},
                   {"datasets": [{"path": "x.json"}], "lifealign_previous_adapter": "elsewhere"})
@@ -63,7 +64,8 @@ def test_chain_owned_keys_cannot_be_set_by_the_base(tmp_path):
 
 def test_changed_finished_stage_is_an_error(tmp_path):
     """A finished stage whose rendered config changed must not be silently reused."""
-    from axolotl_plugin.chain import ChainError, load_chain, run_chain, write_state
+    from axolotl_plugin.chain import run_chain, write_state
+    from axolotl_plugin.spec import ChainError, load_chain
 
     path = _write(tmp_path, {"base_config": "base.yml", "stages": [{"name": "a"}]},
                   {"datasets": [{"path": "x.json"}], "rl": "dpo"})

@@ -37,7 +37,7 @@ def test_tiny_chain_under_zero3_on_two_cpu_ranks(tmp_path):
     from trl_lifealign.slmc import LongTermMemory
 
     history = LongTermMemory.load(chain_dir / "manners" / "memory").history
-    assert [entry["zero3_partitioned"] for entry in history] == [True, True]  # both boundaries ran under ZeRO-3
+    assert [entry["sharded"] for entry in history] == [True, True]  # both boundaries ran under ZeRO-3
     start = json.loads((chain_dir / "manners" / "lifealign_start_adapter.json").read_text())
     assert start["reference"] == "previous_task" and start["ref_adapter_equals_start"] is True
     from safetensors.torch import load_file

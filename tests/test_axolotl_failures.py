@@ -59,7 +59,8 @@ def test_chain_refuses_misspelled_plugin_before_launching(tmp_path):
     for name in ("chain.yml", "base.yml"):
         (root / name).write_text((TINY_RECIPE / name).read_text().replace(
             "axolotl_plugin.LifeAlignPlugin", "axolotl_plugin.LifeAlignPlugn"))
-    from axolotl_plugin.chain import ChainError, load_chain, validate_chain
+    from axolotl_plugin.chain import validate_chain
+    from axolotl_plugin.spec import ChainError, load_chain
 
     with pytest.raises(ChainError, match="plugin 'axolotl_plugin.LifeAlignPlugn': module 'axolotl_plugin' has "
                                               "no 'LifeAlignPlugn'"):
@@ -100,7 +101,7 @@ def _validate(config):
         ({"lifealign_consolidate": "yes"}, "lifealign_consolidate"),
         ({"lifealign_memory_dir": None}, "lifealign_memory_dir is required"),
         ({"dpo_loss_type": ["sigmoid"]}, "does not include 'fpo'"),
-        ({"lifealign_replay_fraction": 0.5}, "needs lifealign_replay_datasets"),
+        ({"lifealign_replay_fraction": 0.5}, "needs lifealign_replay_stages"),
     ],
 )
 def test_args_model_refuses_bad_values(base_config, changes, message):

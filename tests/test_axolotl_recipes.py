@@ -35,7 +35,7 @@ def test_the_three_recipes_exist():
 
 @pytest.mark.parametrize("chain_file", CHAINS, ids=[path.parent.name for path in CHAINS])
 def test_recipe_stages_validate_with_axolotl(chain_file, tiny_model_dir, monkeypatch):
-    from axolotl_plugin.chain import load_chain, render_stage_config
+    from axolotl_plugin.spec import load_chain, render_stage_config
     from axolotl_plugin.validation import validate_stage_config
 
     chain = load_chain(chain_file)
@@ -60,7 +60,8 @@ def test_recipe_stages_validate_with_axolotl(chain_file, tiny_model_dir, monkeyp
 
 
 def test_70b_recipe_is_qlora_on_zero3_with_8_processes():
-    from axolotl_plugin.chain import launch_command, load_chain, render_stage_config
+    from axolotl_plugin.chain import launch_command
+    from axolotl_plugin.spec import load_chain, render_stage_config
 
     chain = load_chain(RECIPES / "llama-3.1-70b-qlora" / "chain.yml")
     config = render_stage_config(chain, 0)

@@ -1,4 +1,5 @@
-"""`lifealign bench` on a few rows: data handling, runs on the lifelong runner, aggregation, tables and resume."""
+"""The lifelong benchmark (benchmarks/lifelong) on a few rows: data handling, runs on the lifelong runner, aggregation,
+tables and resume."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import math
 
 import pytest
 
-from trl_lifealign.lifelong import bench
+from benchmarks.lifelong import aggregate as bench_aggregate
+from benchmarks.lifelong import cli as bench_cli
+from benchmarks.lifelong import data as bench_data
+from benchmarks.lifelong import harness, render, settings as bench_settings
 from trl_lifealign.lifelong.metrics import continual_metrics
+from trl_lifealign.lifelong.report import LifelongReport, TaskRecord
 
 TINY = dict(vocab_size=320, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, warmup_steps=4,
             warmup_batch_size=4, pairs=6, eval_pairs=None, max_prompt_tokens=12, max_completion_tokens=10,
@@ -41,48 +46,47 @@ def data_root(tmp_path_factory):
     return root
 
 
-def test_truncator_keeps_prompt_end_and_answer_start(tiny_tokenizer):
-    truncator = bench.Truncator(tiny_tokenizer, max_prompt_tokens=4, max_completion_tokens=6)
+def test_context_fitter_keeps_prompt_end_and_answer_start(tiny_tokenizer):
+    fitter = bench_data.ContextFitter(tiny_tokenizer, max_prompt_tokens=4, max_completion_tokens=6)
     long_prompt = "What colour is the sky? " * 5 + "Where does the sun rise?"
-    row = truncator.row({"prompt": long_prompt, "chosen": "The sky is blue.", "rejected": "The sky is green."})
-    assert row["prompt"].endswith("rise?\n") and len(row["prompt"]) < 12  # the last 3 tokens + the newline
+    row = fitter.row({"prompt": long_prompt, "chosen": "The sky is blue.", "rejected": "The sky is green."})
+    assert row["prompt"].endswith("rise?") and len(row["prompt"]) < 16  # the last 4 tokens
     assert row["chosen"] == "The sky is b" and row["rejected"] == "The sky is g"  # the first 6 tokens
-    assert row["chosen"] != row["rejected"]
     # Answers that only differ after the cut carry no preference any more: the pair is dropped.
-    assert truncator.row({"prompt": "Q", "chosen": "The sky is blue. Yes", "rejected": "The sky is blue. No"}) is None
+    assert fitter.row({"prompt": "Q", "chosen": "The sky is blue. Yes", "rejected": "The sky is blue. No"}) is None
 
 
 def test_settings_order_and_sweep_parsing():
-    settings = bench.apply_settings(bench.BenchSettings(), {"theta": "0.7", "lambda": "0", "reference": "previous_task",
-                                                            "eval_pairs": "all", "lr": "5e-4"})
-    assert (settings.energy_threshold, settings.overlap_weight, settings.reference) == (0.7, 0.0, "previous_task")
-    assert settings.eval_pairs is None and settings.learning_rate == 5e-4
+    settings = bench_settings.BenchSettings()
+    assert bench_settings.apply_settings(settings, {"theta": "0.5", "lr": "1e-3"}).energy_threshold == 0.5
     with pytest.raises(ValueError, match="unknown setting 'thetta'"):
-        bench.apply_settings(settings, {"thetta": "1"})
+        bench_settings.apply_settings(settings, {"thetta": "1"})
     with pytest.raises(ValueError, match="reference"):
-        bench.apply_settings(settings, {"reference": "previous"})
-    tasks = list(bench.PAPER_ORDER)
-    assert bench._resolve_order(tasks, ["5", "4", "3", "2", "1"]) == tuple(reversed(tasks))
+        bench_settings.apply_settings(settings, {"reference": "previous"})
+    tasks = list(bench_settings.PAPER_ORDER)
+    assert bench_cli.resolve_order(tasks, ["5", "4", "3", "2", "1"]) == tuple(reversed(tasks))
     with pytest.raises(ValueError, match="permutation"):
-        bench._resolve_order(tasks, ["1", "1", "2", "3", "4"])
-    assert bench.parse_sweeps(["theta=0.5, 0.9", "lambda=0,1"]) == [("theta", ["0.5", "0.9"]), ("lambda", ["0", "1"])]
-    specs = bench.plan_runs(["seq-dpo", "lifealign"], [0, 1], [("theta", ["0.5"])], ["lifealign"])
+        bench_cli.resolve_order(tasks, ["1", "1", "2", "3", "4"])
+    assert bench_settings.parse_sweeps(["theta=0.5, 0.9", "lambda=0,1"]) == [("theta", ["0.5", "0.9"]),
+                                                                          ("lambda", ["0", "1"])]
+    specs = bench_settings.plan_runs(["seq-dpo", "lifealign"], [0, 1], [("theta", ["0.5"])], ["lifealign"])
     assert [s.variant for s in specs[:3]] == ["seq-dpo", "lifealign", "lifealign@theta=0.5"]
     assert [s.seed for s in specs] == [0, 0, 0, 1, 1, 1]
 
 
 def test_cli_refuses_bad_options(capsys, data_root):
-    from trl_lifealign.cli import main
-
-    assert main(["bench", "--data-root", str(data_root), "--set", "lambda=two"]) == 2
+    assert bench_cli.main(["--data-root", str(data_root), "--set", "lambda=two"]) == 2
     assert "lambda" in capsys.readouterr().err
 
 
 def _record(variant, seed, matrix, initial, seconds=1.0):
-    metrics = continual_metrics(matrix, initial)
-    return {"variant": variant, "method": variant.split("@")[0], "seed": seed, "overrides": {}, "matrix": matrix,
-            "initial_row": initial, "metrics": metrics, "seconds": seconds, "task_names": ["a", "b"],
-            "eval_names": ["a", "b"]}
+    names = ["a", "b"]
+    tasks = [TaskRecord(name=names[i], row=[{"accuracy": v, "margin": 0.0} for v in row], seconds=seconds / len(matrix))
+             for i, row in enumerate(matrix)]
+    report = LifelongReport(task_names=names[:len(matrix)], eval_names=names, tasks=tasks,
+                            initial_cells=[{"accuracy": v, "margin": 0.0} for v in initial])
+    return {"variant": variant, "method": variant.split("@")[0], "seed": seed, "overrides": {}, "seconds": seconds,
+            "report": report.to_dict()}
 
 
 def test_aggregate_and_verdict_on_known_numbers():
@@ -93,14 +97,14 @@ def test_aggregate_and_verdict_on_known_numbers():
         records.append(_record("lifealign", seed, [[0.9, 0.5], [0.92, 0.9]], initial))
         records.append(_record("replay", seed, [[0.9, 0.5], [0.8, 0.9]], initial))
         records.append(_record("multi-task", seed, [[0.9, 0.9]], initial))
-    summary = bench.aggregate(records)
+    summary = bench_aggregate.aggregate(records)
     assert summary["seq-dpo"]["bwt"]["mean"] == pytest.approx(-32.0)
     assert summary["seq-dpo"]["bwt"]["std"] == pytest.approx(2.0)
     assert summary["multi-task"]["bwt"]["mean"] is None or math.isnan(summary["multi-task"]["bwt"]["mean"])
-    checks = {c["check"]: c["passed"] for c in bench.verdict(summary)}
+    checks = {c["check"]: c["passed"] for c in bench_aggregate.verdict(summary)}
     assert all(checks.values()), checks
     assert len(checks) == 5
-    markdown = bench.render_markdown(summary, {"title": "t", "command": "c", "tasks": ["a", "b"], "eval_split": "dev",
+    markdown = render.render_markdown(summary, {"title": "t", "command": "c", "tasks": ["a", "b"], "eval_split": "dev",
                                                "seeds": [0, 1, 2], "setup": ""})
     assert "| Sequential DPO (SeqFT) | -32.00 ± 2.00 | 74.00 ± 1.00 |" in markdown
     assert "| ✓ | ✓ | +2.00 ± 0.00 | 91.00 ± 0.00 |" in markdown
@@ -108,17 +112,19 @@ def test_aggregate_and_verdict_on_known_numbers():
 
 def test_bench_end_to_end_and_resume(data_root, tmp_path):
     """Two tiny tasks, LifeAlign + replay and multi-task on the real runner; a second call reuses both runs."""
-    settings = bench.apply_settings(bench.BenchSettings(tasks=("alpha", "beta")), {k: str(v) for k, v in TINY.items()})
+    settings = bench_settings.apply_settings(bench_settings.BenchSettings(tasks=("alpha", "beta")),
+                                             {k: str(v) for k, v in TINY.items()})
     kwargs = dict(data_root=data_root, eval_root=data_root, eval_split="dev",
                   methods=["lifealign-replay", "multi-task"], seeds=[0], output_dir=tmp_path / "out", workers=1,
                   plots=False, log=lambda *_: None)
-    payload = bench.run_benchmark(settings, **kwargs)
+    payload = harness.run_benchmark(settings, **kwargs)
 
     data = {d["task"]: d for d in payload["data"]}
     assert data["alpha"]["train_skipped"] == {"field 'rejected' is empty": 1, "chosen is identical to rejected": 1}
     assert data["alpha"]["train_pairs"] == 6 and data["beta"]["eval_pairs"] == 4
     runs = {r["variant"]: r for r in payload["runs"]}
     life, multi = runs["lifealign-replay"], runs["multi-task"]
+    life, multi = (bench_aggregate.run_view(r) for r in (life, multi))
     assert len(life["matrix"]) == 2 and len(multi["matrix"]) == 1 and len(multi["matrix"][0]) == 2
     assert life["initial_row"] == [0.5, 0.5] == multi["initial_row"]  # π₀ is the shared warm model
     for record in (life, multi):
@@ -128,17 +134,18 @@ def test_bench_end_to_end_and_resume(data_root, tmp_path):
     markdown = (tmp_path / "out" / "bench.md").read_text()
     assert "## Table 1: methods" in markdown and "LifeAlign + replay" in markdown
 
-    again = bench.run_benchmark(settings, **kwargs)  # resume: nothing re-trained
-    assert {r["fingerprint"] for r in again["runs"]} == {life["fingerprint"], multi["fingerprint"]}
+    again = harness.run_benchmark(settings, **kwargs)  # resume: nothing re-trained
+    assert {r["fingerprint"] for r in again["runs"]} == {r["fingerprint"] for r in payload["runs"]}
     assert again["seconds_total"] < payload["seconds_total"]
-    changed = bench.apply_settings(settings, {"lambda": "0.25"})
+    changed = bench_settings.apply_settings(settings, {"lambda": "0.25"})
     with pytest.raises(RuntimeError, match="different settings"):
-        bench.run_benchmark(changed, **kwargs)
+        harness.run_benchmark(changed, **kwargs)
 
 
 def test_real_data_quirks_are_skipped_and_counted(shared_data_root, tiny_tokenizer, tmp_path):
-    settings = bench.BenchSettings(tasks=("HC3", "hh-rlhf-helpful-base"), pairs=4, eval_pairs=4)
-    tasks = bench.prepare_task_data(settings, tiny_tokenizer, shared_data_root, shared_data_root, "dev", tmp_path)
+    settings = bench_settings.BenchSettings(tasks=("HC3", "hh-rlhf-helpful-base"), pairs=4, eval_pairs=4)
+    tasks = bench_data.prepare_task_data(settings, tiny_tokenizer, shared_data_root, shared_data_root, "dev",
+                                         tmp_path)
     hc3, helpful = tasks
     assert hc3.train_skipped.get("field 'rejected' is empty") == 11
     assert helpful.train_skipped.get("chosen is identical to rejected") == 6
@@ -163,11 +170,12 @@ def test_forgetting_geometry_reproduces_the_run(data_root, tmp_path):
     reproduce the runner's own matrix row (scored through the LoRA layers), and λ = 1 must equal 'as trained'."""
     geometry = _geometry_module()
 
-    settings = bench.apply_settings(bench.BenchSettings(tasks=("alpha", "beta")), {k: str(v) for k, v in TINY.items()})
-    payload = bench.run_benchmark(settings, data_root=data_root, eval_root=data_root, eval_split="dev",
+    settings = bench_settings.apply_settings(bench_settings.BenchSettings(tasks=("alpha", "beta")),
+                                             {k: str(v) for k, v in TINY.items()})
+    payload = harness.run_benchmark(settings, data_root=data_root, eval_root=data_root, eval_split="dev",
                                   methods=["seq-dpo"], seeds=[0], output_dir=tmp_path / "out", workers=1,
                                   plots=False, log=lambda *_: None)
-    matrix = payload["runs"][0]["matrix"]
+    matrix = bench_aggregate.run_view(payload["runs"][0])["matrix"]
     result = geometry.analyse(tmp_path / "out" / "runs" / "seq-dpo" / "seed0" / "runner", lambdas=(1.0, 0.0))
     (step,) = result["projection"]
     assert step["before"] == pytest.approx(matrix[0], abs=1e-9)

@@ -47,7 +47,7 @@ def test_zero3_two_ranks_matches_single_process(tmp_path):
     assert "Last" in result.stdout
 
     distributed = json.loads((tmp_path / "zero3" / "report.json").read_text())
-    reference = run_lifelong(load_recipe(tmp_path / "single.yaml")).report
+    reference = run_lifelong(load_recipe(tmp_path / "single.yaml")).report.to_dict()
     assert [t["consolidation"]["task_index"] for t in distributed["tasks"]] == [0, 1, 2]
     assert [t["replayed_pairs"] for t in distributed["tasks"]] == [0, 4, 6]
     for task in distributed["tasks"]:

@@ -52,7 +52,7 @@ def test_cli_help_lists_commands():
         [sys.executable, "-m", "trl_lifealign", "--help"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for command in ("train", "report", "demo", "bench", "axolotl-chain"):
+    for command in ("train", "report", "demo", "fpo", "fetch-model", "axolotl-chain"):
         assert command in result.stdout
 
 

@@ -103,5 +103,5 @@ def test_zero_consolidation_is_exact_and_sticks(runs, stage):
     assert not any(torch.equal(after[n], rank0["pre"][1][n]) for n in names)
     manifest = json.loads((runs["root"] / "ds" / str(STAGES.index(stage)) / "memory" / "manifest.json").read_text())
     assert manifest["task_count"] == 3
-    assert rank0["zero3_partitioned"] == [stage == 3] * 3 and single["zero3_partitioned"] == [False] * 3
-    assert [entry["zero3_partitioned"] for entry in manifest["history"]] == [stage == 3] * 3
+    assert rank0["sharded"] == [stage == 3] * 3 and single["sharded"] == [False] * 3
+    assert [entry["sharded"] for entry in manifest["history"]] == [stage == 3] * 3

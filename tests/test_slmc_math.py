@@ -120,6 +120,7 @@ def test_non_finite_update_refused():
 def test_consolidate_factor_matches_plain_path(lam):
     """The copy-free path (direction computed into the memory's spare row, snapshot added in place) used by the
     callback and the benchmark is bit-identical to consolidate_update + append_direction + snapshot + update."""
+    from trl_lifealign.slmc import SLMCConfig
     from trl_lifealign.slmc.callback import consolidate_factor
     from trl_lifealign.slmc.memory import LongTermMemory, ModelSpec
 
@@ -136,7 +137,7 @@ def test_consolidate_factor_matches_plain_path(lam):
             expected = consolidate_update(update, plain.basis(name), 0.9, lam)
             if expected.new_direction is not None:
                 plain.append_direction(name, expected.new_direction)
-            value, result, stats = consolidate_factor(fast, name, update.clone(), snapshot, 0.9, lam)
+            value, result, stats = consolidate_factor(fast, name, update.clone(), snapshot, SLMCConfig(0.9, lam))
             assert torch.equal(value, snapshot + expected.update)
             assert torch.equal(fast.basis(name), plain.basis(name))
             assert result.conflict == expected.conflict and stats["kept_rank"] == expected.kept_rank
@@ -145,6 +146,7 @@ def test_consolidate_factor_matches_plain_path(lam):
 def test_consolidate_factor_after_an_update_that_added_no_direction():
     """A zero first update reserves the factor's spare row but adds no basis row; the next boundary must still see an
     empty basis (regression: KeyError in LongTermMemory.basis at the second boundary)."""
+    from trl_lifealign.slmc import SLMCConfig
     from trl_lifealign.slmc.callback import consolidate_factor
     from trl_lifealign.slmc.memory import LongTermMemory, ModelSpec
 
@@ -152,10 +154,10 @@ def test_consolidate_factor_after_an_update_that_added_no_direction():
     spec = ModelSpec(adapters={"default": {"rank": 4, "target_modules": ["q"]}}, factors={"a": shape})
     memory = LongTermMemory(memory_dir=None, spec=spec)
     snapshot = torch.zeros(shape)
-    value, result, _ = consolidate_factor(memory, "a", torch.zeros(shape), snapshot.clone(), 0.9, 0.5)
+    value, result, _ = consolidate_factor(memory, "a", torch.zeros(shape), snapshot.clone(), SLMCConfig(0.9, 0.5))
     assert result.new_direction is None and torch.count_nonzero(value) == 0
     assert memory.basis("a").shape == (0, 96) and memory.basis_ranks() == {"a": 0} and memory.ram_bytes == 0
     update = _low_rank_noisy(shape, 2, torch.Generator().manual_seed(3))
-    value, result, _ = consolidate_factor(memory, "a", update.clone(), snapshot.clone(), 1.0, 0.5)
+    value, result, _ = consolidate_factor(memory, "a", update.clone(), snapshot.clone(), SLMCConfig(1.0, 0.5))
     assert torch.allclose(value, update, atol=1e-6)  # nothing earlier to overlap with: kept whole at theta = 1
     assert memory.basis("a").shape == (1, 96)

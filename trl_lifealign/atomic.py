@@ -29,12 +29,25 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+TEMPORARY_SUFFIXES = (".tmp", ".tmp.old")
+"""Names of our temporary files and directories end so (and start with a dot): a crash may leave them behind, and
+:func:`remove_temporaries` clears them on the next start."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + fsync + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (temporary file + fsync + ``os.replace``), with the permissions a plain
+    ``open(path, "w")`` would give (``mkstemp`` alone would leave the file readable by its owner only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -66,6 +79,7 @@ def atomic_write_dir(target: str | Path, write: Callable[[Path], Any]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
+        os.chmod(staging, 0o777 & ~_umask())
         write(staging)
         if target.exists():
             retired = staging.with_name(staging.name + ".old")
@@ -83,6 +97,16 @@ def atomic_write_dir(target: str | Path, write: Callable[[Path], Any]) -> None:
 def atomic_copytree(source: str | Path, target: str | Path) -> None:
     """Copy directory ``source`` to ``target`` so that ``target`` appears complete or not at all."""
     atomic_write_dir(target, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
+
+
+def remove_temporaries(root: str | Path) -> list[Path]:
+    """Delete the temporary files and directories a crashed atomic write left anywhere under ``root``; returns them."""
+    removed = []
+    for path in sorted(Path(root).rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        if path.name.endswith(TEMPORARY_SUFFIXES) and path.exists():
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path)
+    return removed
 
 
 def sha256_file(path: str | Path, block_size: int = 1 << 24) -> str:

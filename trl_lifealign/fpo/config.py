@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import DPOConfig
+
+from .focal import DEFAULT_FOCAL_GAMMA, check_focal_gamma
 
 # Loss types FPO can be combined with through `loss_weights`: both are computed from the same policy forward and the
 # same chosen/rejected log-ratios, so the weighted sum matches TRL's own combination exactly.
@@ -25,11 +28,9 @@ def validate_fpo_args(args: Any) -> None:
     """Raise `ValueError` (naming the field) if `args` asks FPO for something it cannot honour.
 
     Works on `FPOConfig` and on any `DPOConfig` (subclass) carrying an optional `focal_gamma` attribute, such as
-    Axolotl's DPO config with the LifeAlign mixin; a missing `focal_gamma` means the default 2.0.
+    Axolotl's DPO config with the LifeAlign mixin; a missing `focal_gamma` means `DEFAULT_FOCAL_GAMMA`.
     """
-    gamma = getattr(args, "focal_gamma", 2.0)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"focal_gamma must be a finite number >= 0 (0 is plain DPO), got {gamma!r}")
+    check_focal_gamma(getattr(args, "focal_gamma", DEFAULT_FOCAL_GAMMA))
 
     loss_types = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
     if "fpo" not in loss_types:
@@ -107,7 +108,7 @@ class FPOConfig(DPOConfig):
     """
 
     focal_gamma: float = field(
-        default=2.0,
+        default=DEFAULT_FOCAL_GAMMA,
         metadata={
             "help": "Focusing exponent γ of the FPO weight (1-p)^γ, p = σ(β·reward margin). Finite and >= 0; 0 is "
             "exactly DPO's sigmoid loss."
@@ -124,4 +125,13 @@ class FPOConfig(DPOConfig):
     def __post_init__(self):
         # Validate first: FPO's own errors are the most specific, and they need no device set-up.
         validate_fpo_args(self)
+        # transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` and warns when only the
+        # old name is set, which DPOConfig's own default (True) always does: carry the value over to the new name.
+        if _HAS_ACTIVATION_CHECKPOINTING and self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing
+            if self.gradient_checkpointing_kwargs is not None and self.activation_checkpointing_kwargs is None:
+                self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
         super().__post_init__()
+
+
+_HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {f.name for f in dataclasses.fields(DPOConfig)}

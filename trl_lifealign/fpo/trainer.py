@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from trl import DPOTrainer
 from trl.trainer import utils as trl_utils
 
+from ..adapters import REF_ADAPTER
+from ..callbacks import bind_callbacks
+from ..defences.base import AuxiliaryLossMixin
+from ..compat import bind_dpo_trainer_arguments, quiet_checkpointing_deprecations, replace_dpo_trainer_argument
 from .config import FPOConfig, validate_fpo_args
+from .focal import DEFAULT_FOCAL_GAMMA
 from .loss import fpo_loss
 
 logger = logging.getLogger(__name__)
@@ -34,15 +39,15 @@ _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 class FPOLossMixin:
     """FPO's loss for any class deriving from `trl.DPOTrainer` (put the mixin before the DPO trainer in the bases).
 
-    Reads the focal exponent as `getattr(self.args, "focal_gamma", 2.0)`, so it works with `FPOConfig` and with any
+    Reads the focal exponent as `getattr(self.args, "focal_gamma", DEFAULT_FOCAL_GAMMA)`, so it works with `FPOConfig` and with any
     `DPOConfig` subclass carrying a `focal_gamma` field. Logs every metric `DPOTrainer` logs, plus `fpo/focal_weight`
     (mean focal weight `(1-p)^γ` of the batch's pairs), in train and eval (`eval_fpo/focal_weight`).
     """
 
     @property
     def focal_gamma(self) -> float:
-        """The focal exponent γ in use (from `args.focal_gamma`, default 2.0)."""
-        return float(getattr(self.args, "focal_gamma", 2.0))
+        """The focal exponent γ in use (from `args.focal_gamma`, default `DEFAULT_FOCAL_GAMMA`)."""
+        return float(getattr(self.args, "focal_gamma", DEFAULT_FOCAL_GAMMA))
 
     def _fpo_policy_forward(self, model, inputs: dict[str, Any], model_kwargs: dict[str, Any]):
         """Policy forward on the `[chosen; rejected]` batch -> `(outputs, per_token_logps, shift_logits)`.
@@ -80,7 +85,8 @@ class FPOLossMixin:
         """Reference log-probs exactly as TRL obtains them (precomputed columns or `compute_ref_log_probs`)."""
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        return self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
+        with quiet_checkpointing_deprecations():  # TRL toggles checkpointing by its deprecated names (trl 1.16)
+            return self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
 
     def _fpo_log_token_metrics(self, mode: str, inputs, outputs, shift_logits) -> None:
         """Log `entropy`, `num_tokens`, `logits/*` and `mean_token_accuracy` the way DPOTrainer does."""
@@ -186,14 +192,7 @@ class FPOLossMixin:
         return (loss, outputs) if return_outputs else loss
 
 
-def _find_training_args(args: tuple, kwargs: dict) -> Any:
-    # DPOTrainer.__init__(model, ref_model=None, args=None, ...): `args` is the third positional parameter.
-    if "args" in kwargs:
-        return kwargs["args"]
-    return args[2] if len(args) > 2 else None
-
-
-class FPOTrainer(FPOLossMixin, DPOTrainer):
+class FPOTrainer(AuxiliaryLossMixin, FPOLossMixin, DPOTrainer):
     """Trainer for focalized preference optimization (FPO), a drop-in replacement for `trl.DPOTrainer`.
 
     Per preference pair, with `z = β·[(log πθ(y_w) − log πref(y_w)) − (log πθ(y_l) − log πref(y_l))]` and `p = σ(z)`,
@@ -221,24 +220,32 @@ class FPOTrainer(FPOLossMixin, DPOTrainer):
     _name = "FPO"
 
     def __init__(self, *args, **kwargs):
-        training_args = _find_training_args(args, kwargs)
-        if training_args is None:
+        bound = bind_dpo_trainer_arguments(args, kwargs)
+        if bound.get("args") is None:
             # DPOTrainer would build a DPOConfig (loss 'sigmoid'); build the FPO equivalent instead.
-            model = kwargs.get("model", args[0] if args else None)
+            model = bound.get("model")
             if model is None:
                 raise ValueError("FPOTrainer needs a `model` (a path, a PreTrainedModel or a PeftModel)")
             model_name = model if isinstance(model, str) else trl_utils.get_config_model_id(model.config)
-            training_args = FPOConfig(f"{model_name.split('/')[-1]}-FPO")
-            if len(args) > 2:
-                args = (*args[:2], training_args, *args[3:])
-            else:
-                kwargs["args"] = training_args
-        validate_fpo_args(training_args)
-        _drop_stale_ref_adapter(args, kwargs)
-        super().__init__(*args, **kwargs)
+            args, kwargs = replace_dpo_trainer_argument(args, kwargs, "args",
+                                                        FPOConfig(f"{model_name.split('/')[-1]}-FPO"))
+            bound = bind_dpo_trainer_arguments(args, kwargs)
+        validate_fpo_args(bound["args"])
+        _drop_stale_ref_adapter(bound)
+        with quiet_checkpointing_deprecations():
+            super().__init__(*args, **kwargs)
+        bind_callbacks(self)
+
+    def train(self, *args, **kwargs):
+        with quiet_checkpointing_deprecations():
+            return super().train(*args, **kwargs)
+
+    def add_callback(self, callback):
+        super().add_callback(callback)
+        bind_callbacks(self)
 
 
-def _drop_stale_ref_adapter(args: tuple, kwargs: dict) -> None:
+def _drop_stale_ref_adapter(bound: dict) -> None:
     """Let TRL re-create its frozen `"ref"` adapter when a PeftModel comes back from a previous trainer.
 
     Given a PeftModel (no `peft_config`, no `ref_model`), TRL adds a `"ref"` adapter copied from `"default"`: the
@@ -247,10 +254,9 @@ def _drop_stale_ref_adapter(args: tuple, kwargs: dict) -> None:
     raises "Adapter with name 'ref' already exists". Dropping the old copy first gives TRL's documented behaviour on
     both.
     """
-    model = kwargs.get("model", args[0] if args else None)
-    ref_model = kwargs.get("ref_model", args[1] if len(args) > 1 else None)
-    peft_config = kwargs.get("peft_config", args[12] if len(args) > 12 else None)
+    model = bound.get("model")
     peft_configs = getattr(model, "peft_config", None)
-    if ref_model is None and peft_config is None and isinstance(peft_configs, dict) and "ref" in peft_configs:
+    if bound.get("ref_model") is None and bound.get("peft_config") is None and isinstance(peft_configs, dict) \
+            and REF_ADAPTER in peft_configs:
         logger.info("Replacing the existing 'ref' adapter with a copy of the current 'default' adapter.")
-        model.delete_adapter("ref")
+        model.delete_adapter(REF_ADAPTER)

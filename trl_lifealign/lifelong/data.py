@@ -16,16 +16,26 @@ Real preference data has quirks this module handles explicitly (see `DataSource`
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from ..errors import LifeAlignError
 
 FIELDS = ("prompt", "chosen", "rejected")
 
 
-class BadRecordError(ValueError):
+class DataError(LifeAlignError, ValueError):
+    """A data file or dataset cannot be read (missing, not UTF-8, not JSON, wrong layout); the message names it."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file named by a source does not exist."""
+
+
+class BadRecordError(DataError):
     """A preference record that cannot be trained on; the message names the origin (file/dataset) and the row."""
 
 
@@ -89,6 +99,10 @@ class PreferenceData:
     duplicate_prompts: int = 0
     expanded_pairs: int = 0  # extra pairs created by `rejected_separator`
 
+    def digest(self) -> str:
+        """A content digest of the validated rows (what a run trains or scores on, wherever the file lives)."""
+        return hashlib.sha256(json.dumps(self.rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
     def summary(self) -> dict[str, Any]:
         """Counts for the run report."""
         return {"origin": self.origin, "rows_read": self.total_rows, "rows_used": len(self.rows),
@@ -100,39 +114,55 @@ def _read_raw_rows(source: DataSource) -> list[Any]:
     if source.path is not None:
         path = Path(source.path)
         if not path.is_file():
-            raise FileNotFoundError(f"preference data file not found: {path}")
+            raise DataFileNotFoundError(f"preference data file not found: {path}")
         suffix = path.suffix.lower()
-        if suffix == ".json":
-            with open(path, encoding="utf-8") as handle:
-                try:
-                    data = json.load(handle)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: not valid JSON ({error}); JSON Lines files must end in .jsonl") from error
-            if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-                data = next(iter(data.values()))  # {"train": [...]} style
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-            return data
-        if suffix == ".jsonl":
-            rows = []
-            with open(path, encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path} line {line_number}: not valid JSON ({error})") from error
-            return rows
+        if suffix in (".json", ".jsonl"):
+            return _read_json_rows(path, lines=suffix == ".jsonl")
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
             return pq.read_table(path).to_pylist()
-        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
     import datasets
 
     loaded = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split)
     return list(loaded)
+
+
+def _read_json_rows(path: Path, lines: bool) -> list[Any]:
+    """Records of a JSON list (``{"train": [...]}`` accepted) or JSON Lines file; UTF-8, with or without a BOM."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error}); re-encode the file as UTF-8") from None
+    if lines:
+        rows = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path} line {line_number}: not valid JSON ({error})") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error}); JSON Lines files must end in .jsonl") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"train": [...]} style
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def as_conversation(row: dict[str, Any]) -> dict[str, Any]:
+    """A string pair as chat messages (the prompt as one user turn, each answer as one assistant turn), so that TRL,
+    the evaluation and generation format it with the tokenizer's chat template; message lists are returned as is."""
+    if not isinstance(row["prompt"], str):
+        return row
+    return {"prompt": [{"role": "user", "content": row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}]}
 
 
 def _is_messages(value: Any) -> bool:
@@ -193,6 +223,12 @@ def load_preference_data(source: DataSource, skip_bad_rows: bool = False) -> Pre
         if not isinstance(raw, dict):
             bad(row_index, f"record must be an object, got {type(raw).__name__}")
             continue
+        collision = next((k for k, t in source.columns.items() if k in raw and t in raw and t not in source.columns),
+                         None)
+        if collision is not None:
+            raise DataError(f"{source.origin} row {row_index}: column {collision!r} is mapped to "
+                            f"{source.columns[collision]!r}, but the record already has a {source.columns[collision]!r} "
+                            "column; map or drop one of them")
         record = {source.columns.get(key, key): value for key, value in raw.items()}
         reasons = [r for r in (_check_value(name, record.get(name)) for name in FIELDS) if r]
         if reasons:

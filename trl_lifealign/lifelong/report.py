@@ -1,114 +1,173 @@
-"""Run reports: `report.json`, `report.md` (matrix + Last/AP/BWT/FWT) and PNG plots, re-renderable from a run dir."""
+"""The one report of a lifelong sequence: ``LifelongReport``, written as JSON, Markdown and (optional) PNG plots.
+
+Produced by the lifelong runner, the Axolotl chain and the benchmark alike, and re-renderable from ``report.json``
+(``lifealign report RUN_DIR``). Plots need matplotlib (the ``eval`` extra); without it every other output is written
+and one line says how to get the plots.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-
 from .metrics import continual_metrics
 
+__all__ = ["LifelongReport", "TaskRecord", "matrix_markdown", "rerender", "write_report"]
+
 REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
 HEATMAP_PNG = "matrix_accuracy.png"
 CURVES_PNG = "accuracy_curves.png"
+PLOTS_HINT = "plots skipped: matplotlib is not installed (pip install 'trl-lifealign[eval]' for PNG plots)"
 
 
-def build_report(config, completed: list[dict], initial_row: list[dict], eval_names: list[str],
-                 eval_summaries: list[dict], initial_generation: list[dict] | None, seconds: float) -> dict[str, Any]:
-    """Assemble the report dictionary from the committed task records."""
-    accuracy = [[cell["accuracy"] for cell in task["row"]] for task in completed]
-    margin = [[cell["margin"] for cell in task["row"]] for task in completed]
-    initial_accuracy = [cell["accuracy"] for cell in initial_row]
-    initial_margin = [cell["margin"] for cell in initial_row]
-    report: dict[str, Any] = {
-        "task_names": [task["name"] for task in completed],
-        "eval_names": eval_names,
-        "matrix": {"accuracy": accuracy, "margin": margin},
-        "initial_row": {"accuracy": initial_accuracy, "margin": initial_margin},
-        "metrics": continual_metrics(accuracy, initial_accuracy),
-        "margin_metrics": continual_metrics(margin, initial_margin),
-        "seconds": seconds,
-        "settings": {
-            "reference": config.reference, "focal_gamma": config.training.get("focal_gamma", 2.0),
-            "memory": vars(config.memory), "replay": vars(config.replay), "sft_warmup": config.sft_warmup.enabled,
-            "optimizer": config.optimizer, "skip_bad_rows": config.skip_bad_rows,
-        },
-        "eval_data": eval_summaries,
-        "tasks": [{k: v for k, v in task.items() if k != "row"} for task in completed],
-        "skipped_rows_total": sum(d["skipped_total"] for task in completed for d in task["data"])
-        + sum(e["skipped_total"] for e in eval_summaries),
-    }
-    if completed and "generation" in completed[0]:
-        generation: dict[str, Any] = {}
-        for name in completed[0]["generation"][0]:
-            matrix = [[cell[name] for cell in task["generation"]] for task in completed]
-            initial = [cell[name] for cell in initial_generation] if initial_generation else None
-            generation[name] = {"matrix": matrix, "initial_row": initial, "metrics": continual_metrics(matrix, initial)}
-        report["generation"] = generation
-    return report
+@dataclass
+class TaskRecord:
+    """What one task (or Axolotl stage) did and how every eval set scored after it."""
+
+    name: str
+    row: list[dict[str, Any]] = field(metadata={"help": "Per eval set: accuracy, margin, pairs, dropped."})
+    train_pairs: int = 0
+    replayed_pairs: int = 0
+    dropped_pairs: int = field(default=0, metadata={"help": "Training pairs TRL dropped (prompt fills max_length)."})
+    skipped_rows: int = 0
+    seconds: float = 0.0
+    dir: str | None = None
+    train_loss: float | None = None
+    steps: int | None = None
+    replay_by_task: dict[str, int] = field(default_factory=dict)
+    data: list[dict[str, Any]] = field(default_factory=list)
+    sft_warmup: dict[str, Any] | None = None
+    consolidation: dict[str, Any] | None = None
+    defences: dict[str, Any] = field(default_factory=dict)
+    generation: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class LifelongReport:
+    """The evaluation matrix of a sequence, its continual-learning metrics and what each task did."""
+
+    task_names: list[str]
+    eval_names: list[str]
+    tasks: list[TaskRecord]
+    initial_cells: list[dict[str, Any]] = field(metadata={"help": "π₀'s cell per eval set (accuracy ½, margin 0)."})
+    settings: dict[str, Any] = field(default_factory=dict)
+    eval_data: list[dict[str, Any]] = field(default_factory=list)
+    initial_generation: list[dict[str, Any]] | None = None
+    seconds: float = 0.0
+
+    def matrix(self, key: str = "accuracy") -> list[list[float]]:
+        """R[i][j]: preference ``key`` (accuracy or margin) on eval set j after task i."""
+        return [[cell[key] for cell in task.row] for task in self.tasks]
+
+    def initial(self, key: str = "accuracy") -> list[float]:
+        return [cell[key] for cell in self.initial_cells]
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        """Last, AP, BWT, FWT of the accuracy matrix."""
+        return continual_metrics(self.matrix(), self.initial())
+
+    def generation_metrics(self) -> dict[str, dict[str, Any]]:
+        """Per generation scorer: its matrix, initial row and Last/AP/BWT/FWT (None where a value is missing)."""
+        if not self.tasks or not self.tasks[0].generation:
+            return {}
+        out = {}
+        for name in (k for k, v in self.tasks[0].generation[0].items() if k not in _GENERATION_EXTRAS):
+            matrix = [[cell.get(name) for cell in task.generation] for task in self.tasks]
+            initial = [cell.get(name) for cell in self.initial_generation] if self.initial_generation else None
+            complete = all(v is not None for row in matrix for v in row) and (initial is None or None not in initial)
+            metrics = continual_metrics(matrix, initial) if complete else dict.fromkeys(("last", "ap", "bwt", "fwt"))
+            out[name] = {"matrix": matrix, "initial_row": initial, "metrics": metrics}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["matrix"] = {"accuracy": self.matrix(), "margin": self.matrix("margin")}
+        data["initial_row"] = {"accuracy": self.initial(), "margin": self.initial("margin")}
+        data["metrics"] = self.metrics
+        data["margin_metrics"] = continual_metrics(self.matrix("margin"), self.initial("margin"))
+        data["generation"] = self.generation_metrics() or None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LifelongReport:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["tasks"] = [TaskRecord.from_dict(t) for t in data["tasks"]]
+        return cls(**values)
+
+
+_GENERATION_EXTRAS = ("empty_answers", "answers", "judge_summary")
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:+.{digits}f}" if value < 0 else f"{value:.{digits}f}"
 
 
-def matrix_markdown(matrix: list[list[float]], task_names: list[str], eval_names: list[str],
-                    initial_row: list[float] | None = None) -> str:
+def matrix_markdown(matrix: list[list[float | None]], task_names: list[str], eval_names: list[str],
+                    initial_row: list[float | None] | None = None) -> str:
     """A Markdown table: rows = after task i, columns = eval set j."""
+    cell = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| after \\ eval | " + " | ".join(eval_names) + " |", "|---" * (len(eval_names) + 1) + "|"]
     if initial_row is not None:
-        lines.append("| (start) | " + " | ".join(f"{v:.3f}" for v in initial_row) + " |")
+        lines.append("| (start) | " + " | ".join(cell(v) for v in initial_row) + " |")
     for name, row in zip(task_names, matrix):
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in row) + " |")
     return "\n".join(lines)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    m = report["metrics"]
-    parts = [
-        "# Lifelong alignment report", "",
-        f"Tasks: {' → '.join(report['task_names'])}  ",
-        f"Settings: {json.dumps(report['settings'])}  ",
-        f"Wall time: {report['seconds']:.1f} s", "",
-        "## Preference accuracy matrix", "",
-        "Entry (i, j): share of eval-set-j pairs whose implicit reward margin "
-        "(log π/π₀ of chosen minus rejected) is positive after task i (ties count ½; π₀ = model before task 1).", "",
-        matrix_markdown(report["matrix"]["accuracy"], report["task_names"], report["eval_names"],
-                        report["initial_row"]["accuracy"]), "",
-        "| Last | AP | BWT | FWT |", "|---|---|---|---|",
-        f"| {_fmt(m['last'])} | {_fmt(m['ap'])} | {_fmt(m['bwt'])} | {_fmt(m['fwt'])} |", "",
-        "## Mean reward margin matrix", "",
-        matrix_markdown(report["matrix"]["margin"], report["task_names"], report["eval_names"]), "",
-    ]
-    for name, data in (report.get("generation") or {}).items():
-        g = data["metrics"]
-        parts += [f"## Generation: {name}", "", matrix_markdown(data["matrix"], report["task_names"],
-                                                                 report["eval_names"], data["initial_row"]), "",
-                  "| Last | AP | BWT | FWT |", "|---|---|---|---|",
-                  f"| {_fmt(g['last'], 2)} | {_fmt(g['ap'], 2)} | {_fmt(g['bwt'], 2)} | {_fmt(g['fwt'], 2)} |", ""]
-    parts += ["## Per task", "", "| task | pairs | replayed | skipped rows | train loss | SLMC kept energy | "
-              "SLMC conflict | seconds |", "|---|---|---|---|---|---|---|---|"]
-    for task in report["tasks"]:
-        consolidation = task.get("consolidation") or {}
-        skipped = sum(d["skipped_total"] for d in task["data"])
-        parts.append(f"| {task['name']} | {task['train_pairs']} | {task['replayed_pairs']} | {skipped} | "
-                     f"{task['train']['train_loss']:.4f} | {_fmt(consolidation.get('kept_energy'))} | "
-                     f"{_fmt(consolidation.get('conflict'))} | {task['seconds']:.1f} |")
-    parts += ["", f"![accuracy matrix]({HEATMAP_PNG})", "", f"![accuracy curves]({CURVES_PNG})", ""]
-    return "\n".join(parts)
+def _metrics_table(m: dict[str, float | None], digits: int = 3) -> list[str]:
+    return ["| Last | AP | BWT | FWT |", "|---|---|---|---|",
+            f"| {_fmt(m['last'], digits)} | {_fmt(m['ap'], digits)} | {_fmt(m['bwt'], digits)} | "
+            f"{_fmt(m['fwt'], digits)} |", ""]
 
 
-def plot_report(report: dict[str, Any], run_dir: Path) -> list[Path]:
-    """Write the accuracy-matrix heatmap and the per-eval-set accuracy curves as PNGs."""
-    import matplotlib
+def render_markdown(report: LifelongReport, plots: list[str]) -> str:
+    parts = ["# Lifelong alignment report", "", f"Tasks: {' → '.join(report.task_names)}  ",
+             f"Settings: {json.dumps(report.settings, default=str)}  ", f"Wall time: {report.seconds:.1f} s", "",
+             "## Preference accuracy matrix", "",
+             "Entry (i, j): share of eval-set-j pairs whose implicit reward margin (log π/π₀ of chosen minus rejected) "
+             "is positive after task i (ties count ½; π₀ = model before task 1).", "",
+             matrix_markdown(report.matrix(), report.task_names, report.eval_names, report.initial()), "",
+             *_metrics_table(report.metrics),
+             "## Mean reward margin matrix", "",
+             matrix_markdown(report.matrix("margin"), report.task_names, report.eval_names), ""]
+    for name, data in report.generation_metrics().items():
+        parts += [f"## Generation: {name}", "",
+                  matrix_markdown(data["matrix"], report.task_names, report.eval_names, data["initial_row"]), "",
+                  *_metrics_table(data["metrics"], 2)]
+    parts += ["## Per task", "", "| task | pairs | replayed | dropped (too long) | skipped rows | train loss | "
+              "SLMC kept energy | SLMC conflict | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for task in report.tasks:
+        consolidation = task.consolidation or {}
+        parts.append(f"| {task.name} | {task.train_pairs} | {task.replayed_pairs} | {task.dropped_pairs} | "
+                     f"{task.skipped_rows} | {_fmt(task.train_loss, 4)} | {_fmt(consolidation.get('kept_energy'))} | "
+                     f"{_fmt(consolidation.get('conflict'))} | {task.seconds:.1f} |")
+    parts.append("")
+    parts += [f"![{Path(p).stem}]({p})" for p in plots] or [PLOTS_HINT]
+    return "\n".join(parts) + "\n"
 
+
+def plot_report(report: LifelongReport, run_dir: Path) -> list[Path]:
+    """Write the accuracy-matrix heatmap and the per-eval-set accuracy curves as PNGs; [] without matplotlib."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    matrix = report["matrix"]["accuracy"]
-    tasks, evals = report["task_names"], report["eval_names"]
+    matrix, tasks, evals = report.matrix(), report.task_names, report.eval_names
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(evals), 1.0 + 0.8 * len(tasks)))
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(evals)), evals, rotation=30, ha="right")
@@ -119,42 +178,51 @@ def plot_report(report: dict[str, Any], run_dir: Path) -> list[Path]:
     ax.set_title("Preference accuracy")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    heatmap = run_dir / HEATMAP_PNG
-    fig.savefig(heatmap, dpi=100)
+    fig.savefig(run_dir / HEATMAP_PNG, dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = list(range(len(tasks) + 1))
     for j, name in enumerate(evals):
-        ax.plot(xs, [report["initial_row"]["accuracy"][j]] + [row[j] for row in matrix], marker="o", label=name)
+        ax.plot(xs, [report.initial()[j]] + [row[j] for row in matrix], marker="o", label=name)
     ax.set_xticks(xs, ["start"] + tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("preference accuracy")
     ax.set_title("Accuracy on each eval set across the sequence")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    curves = run_dir / CURVES_PNG
-    fig.savefig(curves, dpi=100)
+    fig.savefig(run_dir / CURVES_PNG, dpi=100)
     plt.close(fig)
-    return [heatmap, curves]
+    return [run_dir / HEATMAP_PNG, run_dir / CURVES_PNG]
 
 
-def write_report(run_dir: str | Path, report: dict[str, Any]) -> list[Path]:
-    """Write report.json, report.md and the PNG plots into `run_dir` (atomically per file)."""
+def write_report(run_dir: str | Path, report: LifelongReport, plots: bool = True) -> list[Path]:
+    """Write report.json, report.md and (when matplotlib is there) the PNG plots into ``run_dir``; returns the files.
+
+    Without matplotlib a single line on stderr says how to get the plots.
+    """
+    import sys
+
     run_dir = Path(run_dir)
-    written = []
-    for name, text in ((REPORT_JSON, json.dumps(report, indent=2, default=str)), ("report.md", render_markdown(report))):
-        atomic_write_text(run_dir / name, text)
-        written.append(run_dir / name)
-    return written + plot_report(report, run_dir)
+    pngs = plot_report(report, run_dir) if plots else []
+    if plots and not pngs:
+        print(f"lifealign: {PLOTS_HINT}", file=sys.stderr)
+    atomic_write_text(run_dir / REPORT_JSON, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / REPORT_MD, render_markdown(report, [p.name for p in pngs]))
+    return [run_dir / REPORT_JSON, run_dir / REPORT_MD, *pngs]
+
+
+def load_report(run_dir: str | Path) -> LifelongReport:
+    """The report of a finished run directory (``report.json``), with a clear error when there is none."""
+    path = Path(run_dir) / REPORT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished lifelong run directory?")
+    try:
+        return LifelongReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is truncated or not a lifelong report: {error}") from None
 
 
 def rerender(run_dir: str | Path) -> list[Path]:
-    """Re-render report.md and the plots from `run_dir/report.json` (or from the committed task records)."""
-    run_dir = Path(run_dir)
-    path = run_dir / REPORT_JSON
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished lifelong run directory?")
-    with open(path, encoding="utf-8") as handle:
-        report = json.load(handle)
-    return write_report(run_dir, report)
+    """Re-render report.md and the plots from ``run_dir/report.json``."""
+    return write_report(run_dir, load_report(run_dir))

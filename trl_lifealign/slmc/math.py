@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import DEFAULT_BASIS_REL_TOL
+
 __all__ = [
     "ConsolidationResult",
     "DenoiseResult",
@@ -36,10 +38,6 @@ __all__ = [
     "extend_basis",
     "split_by_span",
 ]
-
-DEFAULT_BASIS_REL_TOL = 1e-4
-"""Relative residual norm below which a consolidated update adds no new basis direction (float32 rounding of a
-Gram-Schmidt step is ~1e-6 relative; genuinely new directions in practice are far above 1e-4)."""
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:

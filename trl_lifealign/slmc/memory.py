@@ -2,11 +2,17 @@
 
 Layout of ``memory_dir``::
 
-    manifest.json                         format version, task count, theta/lambda, adapters, factors, data file
-    basis-<task>-<token>.safetensors      per factor: (k, numel) float32 rows spanning its consolidated updates
+    manifest.json                         format version, memory kind, task count, theta/lambda, adapters, factors
+    basis-<task>-<token>.safetensors      per factor: (k, width) float32 orthonormal rows
 
-The basis (k <= number of tasks rows per factor) replaces the raw history the official code keeps: the projection
-only needs the span. A save writes the data under a new name, then atomically replaces the manifest that points at it,
+Two kinds of memory (``SLMCConfig.memory_kind``):
+
+- ``paper``: one row per task and factor, the flattened consolidated update (width = the factor's numel); k is at
+  most the number of tasks. This replaces the raw history the official code keeps: the projection only needs the span.
+- ``subspace``: the leading singular directions of each task's consolidated update, its row space for ``lora_A``
+  (width = in_features) and column space for ``lora_B`` (width = out_features); k grows with the kept ranks.
+
+Format version 2 records the kind; version 1 memories (before the kind existed) load as ``paper``. A save writes the data under a new name, then atomically replaces the manifest that points at it,
 then deletes older data files, so a crash at any moment leaves a manifest pointing at a complete, checksummed file.
 """
 
@@ -21,20 +27,22 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_json, fsync_dir, sha256_file
+from ..errors import LifeAlignError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MemoryFormatError", "MemoryMismatchError", "LongTermMemory", "ModelSpec"]
 
 FORMAT_NAME = "trl-lifealign-slmc-memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 _GROWTH_ROWS = 4  # spare basis rows reserved per factor (untouched pages cost no RAM until written)
 
 
-class MemoryFormatError(RuntimeError):
+class MemoryFormatError(LifeAlignError, RuntimeError):
     """The memory directory holds a truncated, corrupt or unknown-format file."""
 
 
-class MemoryMismatchError(ValueError):
+class MemoryMismatchError(LifeAlignError, ValueError):
     """The stored memory does not belong to this model's LoRA layout (rank, target modules or shapes differ)."""
 
 
@@ -69,15 +77,26 @@ class LongTermMemory:
     energy_threshold: float = 0.9
     overlap_weight: float = 0.5
     basis_rel_tol: float = 1e-4
+    kind: str = "paper"
     history: list[dict] = field(default_factory=list)
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _ranks: dict[str, int] = field(default_factory=dict, repr=False)
     data_file: str | None = None
 
     # ----------------------------------------------------------------------------------------------------- bases
+    def width(self, name: str) -> int:
+        """Length of factor ``name``'s basis rows: its numel (``paper``) or the dimension of its row / column space
+        (``subspace``: in_features for ``lora_A``, out_features for ``lora_B``)."""
+        shape = self.spec.factors[name]
+        if self.kind == "paper":
+            return _numel(shape)
+        from .subspace import factor_side
+
+        return int(shape[-1]) if factor_side(name) == "row" else int(shape[0])
+
     def basis(self, name: str) -> torch.Tensor:
-        """``(k, numel)`` float32 basis of factor ``name`` (a view; k may be 0)."""
-        numel = _numel(self.spec.factors[name])
+        """``(k, width)`` float32 basis of factor ``name`` (a view; k may be 0)."""
+        numel = self.width(name)
         buffer = self._buffers.get(name)
         if buffer is None:
             return torch.zeros((0, numel), dtype=torch.float32)
@@ -86,7 +105,7 @@ class LongTermMemory:
 
     def _reserved(self, name: str) -> torch.Tensor:
         """Factor ``name``'s row buffer with at least one spare row after the current basis (grown if needed)."""
-        numel = _numel(self.spec.factors[name])
+        numel = self.width(name)
         rank = self._ranks.get(name, 0)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape[0] <= rank:
@@ -104,7 +123,7 @@ class LongTermMemory:
 
     def append_direction(self, name: str, direction: torch.Tensor) -> None:
         """Append one unit row to factor ``name``'s basis (amortised: rows are reserved ahead)."""
-        numel = _numel(self.spec.factors[name])
+        numel = self.width(name)
         direction = direction.detach().reshape(-1).to(torch.float32)
         if direction.numel() != numel:
             raise ValueError(f"direction for {name} has {direction.numel()} elements, expected {numel}")
@@ -114,13 +133,22 @@ class LongTermMemory:
             row.copy_(direction)
         self._ranks[name] = rank + 1
 
+    def set_basis(self, name: str, rows: torch.Tensor) -> None:
+        """Replace factor ``name``'s basis by ``rows`` (``(k, width)``, orthonormal; the subspace memory's update)."""
+        rows = rows.detach().to(torch.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.width(name):
+            raise ValueError(f"basis for {name} has shape {tuple(rows.shape)}, expected (k, {self.width(name)})")
+        buffer = torch.empty((rows.shape[0] + _GROWTH_ROWS, rows.shape[1]), dtype=torch.float32)
+        buffer[: rows.shape[0]].copy_(rows)
+        self._buffers[name], self._ranks[name] = buffer, rows.shape[0]
+
     def basis_ranks(self) -> dict[str, int]:
         return {name: self._ranks.get(name, 0) for name in self.spec.factors}
 
     @property
     def ram_bytes(self) -> int:
         """Bytes of basis rows held in RAM (reserved-but-unwritten rows excluded: they are never touched)."""
-        return sum(self._ranks.get(name, 0) * _numel(shape) * 4 for name, shape in self.spec.factors.items())
+        return sum(self._ranks.get(name, 0) * self.width(name) * 4 for name in self.spec.factors)
 
     @property
     def disk_bytes(self) -> int:
@@ -155,6 +183,7 @@ class LongTermMemory:
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
+            "memory_kind": self.kind,
             "task_count": self.task_count,
             "energy_threshold": self.energy_threshold,
             "overlap_weight": self.overlap_weight,
@@ -206,43 +235,46 @@ class LongTermMemory:
             raise MemoryFormatError(f"SLMC memory manifest {manifest_path} is truncated or corrupt: {error}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise MemoryFormatError(f"{manifest_path} is not an SLMC memory manifest (format {FORMAT_NAME!r})")
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise MemoryFormatError(
                 f"{manifest_path} has format version {manifest.get('format_version')}; this version of trl-lifealign "
-                f"reads version {FORMAT_VERSION}"
+                f"reads versions {list(READABLE_VERSIONS)}"
             )
+        kind = manifest.get("memory_kind", "paper")
+        if kind not in ("paper", "subspace"):
+            raise MemoryFormatError(f"{manifest_path} has an unknown memory_kind {kind!r}")
         try:
             spec = ModelSpec(
-                adapters=manifest["adapters"],
-                factors={name: list(entry["shape"]) for name, entry in manifest["factors"].items()},
+                adapters=dict(manifest["adapters"]),
+                factors={name: [int(v) for v in entry["shape"]] for name, entry in manifest["factors"].items()},
             )
             ranks = {name: int(entry["basis_rank"]) for name, entry in manifest["factors"].items()}
-            data_name = manifest["data_file"]
-        except (KeyError, TypeError) as error:
+            data_name, data_bytes, data_sha = str(manifest["data_file"]), int(manifest["data_bytes"]), \
+                str(manifest["data_sha256"])
+            memory = cls(memory_dir=memory_dir, spec=spec, task_count=int(manifest["task_count"]),
+                         energy_threshold=float(manifest["energy_threshold"]),
+                         overlap_weight=float(manifest["overlap_weight"]),
+                         basis_rel_tol=float(manifest["basis_rel_tol"]), history=list(manifest.get("history", [])),
+                         data_file=data_name, kind=kind)
+        except KeyError as error:
             raise MemoryFormatError(f"SLMC memory manifest {manifest_path} lacks field {error}") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise MemoryFormatError(f"SLMC memory manifest {manifest_path} has a malformed field: {error}") from None
+        if Path(data_name).name != data_name or not data_name.startswith("basis-"):
+            raise MemoryFormatError(f"SLMC memory manifest {manifest_path} names an unexpected data file {data_name!r}")
         if expected is not None:
             check_spec(spec, expected, memory_dir)
         data_path = memory_dir / data_name
         if not data_path.exists():
             raise MemoryFormatError(f"SLMC memory data file {data_path} named by {manifest_path} is missing")
         size = data_path.stat().st_size
-        if size != manifest["data_bytes"]:
+        if size != data_bytes:
             raise MemoryFormatError(
                 f"SLMC memory data file {data_path} is truncated or overwritten: {size} bytes, manifest says "
-                f"{manifest['data_bytes']}"
+                f"{data_bytes}"
             )
-        if sha256_file(data_path) != manifest["data_sha256"]:
+        if sha256_file(data_path) != data_sha:
             raise MemoryFormatError(f"SLMC memory data file {data_path} is corrupt (SHA-256 differs from the manifest)")
-        memory = cls(
-            memory_dir=memory_dir,
-            spec=spec,
-            task_count=int(manifest["task_count"]),
-            energy_threshold=float(manifest["energy_threshold"]),
-            overlap_weight=float(manifest["overlap_weight"]),
-            basis_rel_tol=float(manifest["basis_rel_tol"]),
-            history=list(manifest.get("history", [])),
-            data_file=data_name,
-        )
         try:
             with safe_open(str(data_path), framework="pt") as handle:
                 stored = set(handle.keys())
@@ -252,7 +284,7 @@ class LongTermMemory:
                     if name not in stored:
                         raise MemoryFormatError(f"SLMC memory data file {data_path} lacks the basis of {name}")
                     tensor = handle.get_tensor(name)
-                    numel = _numel(spec.factors[name])
+                    numel = memory.width(name)
                     if tuple(tensor.shape) != (rank, numel) or tensor.dtype != torch.float32:
                         raise MemoryFormatError(
                             f"basis of {name} in {data_path} has shape {tuple(tensor.shape)} {tensor.dtype}, manifest "

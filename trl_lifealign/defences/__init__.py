@@ -1,0 +1,1 @@
+"""Continual-learning defences beyond LifeAlign: one sub-package per method (math apart from plumbing)."""

@@ -1,0 +1,1 @@
+"""Online elastic weight consolidation (Schwarz et al. 2018, "Progress & Compress"): see ``math``."""

@@ -1,0 +1,1 @@
+"""Layer freezing against "spurious forgetting" (arXiv 2501.13453): see ``math``."""

@@ -1,0 +1,2 @@
+"""Adapter merging at task boundaries with PEFT's own ``add_weighted_adapter`` (linear, TIES, DARE): see
+``callback``."""
