@@ -25,6 +25,7 @@ from trl_lifealign.defences.config import (
     ForgettingBudgetConfig,
     FreezeLayersConfig,
     KLAnchorConfig,
+    MergingConfig,
 )
 from trl_lifealign.fpo.focal import DEFAULT_FOCAL_GAMMA
 from trl_lifealign.lifelong.replay import DEFAULT_REPLAY_CAPACITY
@@ -42,13 +43,15 @@ SLMC_KEYS = {"lifealign_energy_threshold": "energy_threshold", "lifealign_overla
              "lifealign_project_steps": "project_steps"}
 
 
-# YAML key -> the defence's config class (the same objects `lifealign train` takes under `defences:`). O-LoRA and
-# adapter merging add and swap PEFT adapters between tasks, which an Axolotl stage cannot: `lifealign train` has them.
+# YAML key -> the defence's config class (the same objects `lifealign train` takes under `defences:`). O-LoRA trains
+# a new adapter per task and keeps the earlier ones active, which one Axolotl stage's single adapter cannot hold:
+# `lifealign train` has it.
 DEFENCE_KEYS = {"lifealign_averaging": ("averaging", AveragingConfig), "lifealign_ewc": ("ewc", EWCConfig),
                 "lifealign_kl_anchor": ("kl_anchor", KLAnchorConfig),
                 "lifealign_freeze_layers": ("freeze_layers", FreezeLayersConfig),
+                "lifealign_merging": ("merging", MergingConfig),
                 "lifealign_forgetting_budget": ("forgetting_budget", ForgettingBudgetConfig)}
-STATEFUL_DEFENCES = ("lifealign_ewc", "lifealign_kl_anchor", "lifealign_forgetting_budget")
+STATEFUL_DEFENCES = ("lifealign_ewc", "lifealign_kl_anchor", "lifealign_merging", "lifealign_forgetting_budget")
 
 
 def _help(name: str) -> str:
@@ -108,7 +111,8 @@ class LifeAlignArgs(BaseModel):
                                           "one earlier stage. Use lifealign_replay_stages."},
     )
     lifealign_averaging: dict[str, Any] | None = Field(
-        default=None, json_schema_extra={"description": "Model averaging at the stage's end: {alpha, per_layer, space}."})
+        default=None,
+        json_schema_extra={"description": "Model averaging at the stage's end: {alpha, per_layer, space}."})
     lifealign_ewc: dict[str, Any] | None = Field(
         default=None, json_schema_extra={"description": "Online EWC: {strength, decay, fisher_batches}."})
     lifealign_kl_anchor: dict[str, Any] | None = Field(
@@ -118,6 +122,9 @@ class LifeAlignArgs(BaseModel):
     lifealign_freeze_layers: dict[str, Any] | None = Field(
         default=None, json_schema_extra={"description": "Freeze the lowest layers' LoRA factors after the first "
                                                         "stage: {num_layers}."})
+    lifealign_merging: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"description": "Merge every stage's trained adapter with PEFT's "
+                                                        "add_weighted_adapter at each stage's end: {method, density}."})
     lifealign_forgetting_budget: dict[str, Any] | None = Field(
         default=None, json_schema_extra={"description": "Forgetting budget: {budget, max_evaluations, space}; the "
                                                         "monitor sets go in lifealign_budget_monitor_sets."})
@@ -252,12 +259,14 @@ class LifeAlignTrainingArgsMixin:
     """Fields Axolotl adds to its DPO training arguments (`AxolotlDPOConfig`) when the plugin is registered."""
 
     focal_gamma: float = field(
-        default=DEFAULT_FOCAL_GAMMA, metadata={"help": "FPO focusing exponent γ of the weight (1-p)^γ; 0 is exactly DPO."}
+        default=DEFAULT_FOCAL_GAMMA,
+        metadata={"help": "FPO focusing exponent γ of the weight (1-p)^γ; 0 is exactly DPO."}
     )
     lifealign_previous_adapter: str | None = field(
         default=None, metadata={"help": "Directory of the previous stage's LoRA adapter to continue training."}
     )
     lifealign_reference: str = field(
         default=DEFAULT_REFERENCE,
-        metadata={"help": "DPO reference: 'previous_task' (the stage's starting adapter) or 'base' (adapters disabled)."},
+        metadata={"help": "DPO reference: 'previous_task' (the stage's starting adapter) or 'base' (adapters "
+                          "disabled)."},
     )

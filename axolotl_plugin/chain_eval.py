@@ -90,8 +90,12 @@ def evaluate_stage(chain: ChainSpec, index: int, config: dict[str, Any]) -> dict
     """Score the adapter of stage `index` on every eval set; returns {"row": [...], "eval_names", "seconds"}."""
     from peft import PeftModel
 
-    from trl_lifealign.lifelong.evaluation import (evaluate_preferences, initial_policy_logps, preference_scores,
-                                                   prepare_eval_sets)
+    from trl_lifealign.lifelong.evaluation import (
+        evaluate_preferences,
+        initial_policy_logps,
+        preference_scores,
+        prepare_eval_sets,
+    )
 
     started = time.time()
     eval_sets, batch_size, max_length = _eval_settings(chain)

@@ -108,7 +108,15 @@ class LifeAlignPlugin(BasePlugin):
         })
 
     def pre_model_load(self, cfg) -> None:
-        """Fail before the (possibly long) model load if the previous stage's adapter is not there."""
+        """Seed every RNG, then fail before the (possibly long) model load if the previous stage's adapter is missing.
+
+        Axolotl 0.19 creates the LoRA adapter before the trainer seeds the RNGs (``Trainer.__init__``), so ``lora_A``
+        was drawn from an unseeded generator and two runs of one seeded stage differed; seeding here, with the seed the
+        trainer will use (``seed``, default 42 as in ``TrainingArguments``), makes a seeded stage reproducible.
+        """
+        from transformers import set_seed
+
+        set_seed(cfg.seed if cfg.seed is not None else 42)
         previous = cfg.lifealign_previous_adapter
         if previous and not (Path(previous) / "adapter_config.json").is_file():
             raise FileNotFoundError(
@@ -193,7 +201,8 @@ class LifeAlignPlugin(BasePlugin):
         if report is not None:
             # Rank 0 only (checked above). Not through Axolotl's rank-aware LOG: after a multi-process run Axolotl has
             # destroyed the process group before post_train, and that logger's rank check then raises.
-            logging.getLogger(__name__).info("LifeAlign consolidation: %s", json.dumps(report.metrics(), sort_keys=True))
+            logging.getLogger(__name__).info("LifeAlign consolidation: %s",
+                                             json.dumps(report.metrics(), sort_keys=True))
         atomic_write_json(Path(cfg.output_dir) / STAGE_SUMMARY_FILE, summary, indent=1, default=str)
 
     def post_trainer_create(self, cfg, trainer) -> None:

@@ -35,7 +35,8 @@ def _stage_dataset(cfg, tokenizer, index: int, stage: dict):
 
 
 def load_with_replay(cfg):
-    """(`TrainDatasetMeta` of this stage's data plus the replay buffer, shuffled with the replay seed; replayed rows)."""
+    """(`TrainDatasetMeta` of this stage's data plus the replay buffer, shuffled with the replay seed; the number of
+    replayed rows)."""
     from axolotl.common.datasets import TrainDatasetMeta
     from axolotl.loaders import load_tokenizer
     from axolotl.utils.data.rl import prepare_preference_datasets

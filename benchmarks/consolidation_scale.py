@@ -181,9 +181,10 @@ def main() -> None:
               f"{'memory before/after':>19} | {'budget mem+2*upd':>16} | {'max rel diff':>12}")
     print(header)
     print("-" * len(header))
-    for earlier, ours_s, naive_s, naive_m, extra, mem_before, mem_after, upd, worst, full in rows:
+    for earlier, ours_s, naive_s, _naive_m, extra, mem_before, mem_after, upd, worst, full in rows:
         naive_label = f"{naive_s:7.1f}{'' if full else '*'}"
-        print(f"{earlier:>7} | {ours_s:7.2f} | {naive_label:>8} | {naive_s / ours_s:7.1f}x | {extra / 2**30:15.2f} GiB | "
+        print(f"{earlier:>7} | {ours_s:7.2f} | {naive_label:>8} | {naive_s / ours_s:7.1f}x | "
+              f"{extra / 2**30:15.2f} GiB | "
               f"{mem_before / 2**30:7.2f}/{mem_after / 2**30:5.2f} GiB | {(mem_after + 2 * upd) / 2**30:12.2f} GiB | "
               f"{worst:12.1e}")
     print("CPU seconds of the process (less sensitive to other jobs than wall time): " + ", ".join(

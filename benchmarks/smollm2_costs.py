@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import os
@@ -80,25 +81,26 @@ def interleave(variants: dict, repeats: int) -> dict[str, list[tuple[float, floa
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            results[name].append(timed(lambda: variants[name](round_index)))
+            results[name].append(timed(functools.partial(variants[name], round_index)))
         gc.collect()
     return results
 
 
 def print_table(title: str, results: dict, baseline: str, extra: dict | None = None) -> None:
-    """Median and minimum wall time, median process CPU time, ratios to ``baseline`` and every run's wall time.
+    """Wall and process-CPU seconds (median, min), ratios to ``baseline`` and every run's wall time.
 
-    On a shared machine the minimum is the figure least disturbed by other processes; the runs show the spread."""
-    base_median = statistics.median(w for w, _ in results[baseline])
-    base_min = min(w for w, _ in results[baseline])
-    print(f"\n{title}\n{'configuration':<52}{'median s':>9}{'min s':>8}{'CPU s':>7}{'x base':>7}{'x base':>7}"
-          f"  runs (wall s){'; notes' if extra else ''}\n{'':<52}{'':>9}{'':>8}{'median':>7}{'median':>7}{'min':>7}")
+    On a busy shared machine the minimum wall time and, with one intra-op thread, the CPU time are the figures least
+    disturbed by other processes; the runs show the spread."""
+    base_wall = min(w for w, _ in results[baseline])
+    base_cpu = statistics.median(c for _, c in results[baseline])
+    print(f"\n{title}\n{'configuration':<52}{'wall s':>15}{'CPU s':>15}{'x base':>16}  runs: wall s"
+          f"{'; notes' if extra else ''}\n{'':<52}{'median   min':>15}{'median   min':>15}{'wall min  CPU':>16}")
     for name, runs in results.items():
         walls, cpus = [w for w, _ in runs], [c for _, c in runs]
-        median, low = statistics.median(walls), min(walls)
         note = f"; {extra[name]}" if extra and name in extra else ""
-        print(f"{name:<52}{median:>9.2f}{low:>8.2f}{statistics.median(cpus):>7.1f}{median / base_median:>7.2f}"
-              f"{low / base_min:>7.2f}  {' '.join(f'{w:.1f}' for w in walls)}{note}")
+        print(f"{name:<52}{statistics.median(walls):>9.2f}{min(walls):>6.2f}{statistics.median(cpus):>9.2f}"
+              f"{min(cpus):>6.2f}{min(walls) / base_wall:>10.2f}{statistics.median(cpus) / base_cpu:>6.2f}  "
+              f"{' '.join(f'{w:.1f}' for w in walls)}{note}")
 
 
 # ----------------------------------------------------------------------------------------------- DPO training steps
@@ -153,7 +155,7 @@ def measure_dpo(args, model_path: Path, tokenizer) -> None:
     print(f"\n[dpo] loadavg at start {fmt_load()}")
     trainers, notes, rows = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, spec in DPO_CONFIGS.items():
+        for name, spec in selected(DPO_CONFIGS, args.only, "fp32, L=192").items():
             max_length = spec[0]  # long queries keep max_length - 64 tokens, so that batches fill max_length
             if max_length not in rows:
                 rows[max_length] = load_pairs(args.data_root, "train", args.batch_pairs * steps, args.seed, tokenizer,
@@ -310,8 +312,9 @@ def measure_scoring(args, model_path: Path, tokenizer) -> None:
     set_checkpointing(lora_ckpt, True)
     trained = trained_by_dpo_trainer(model_path, tokenizer, args)
     cleaned = undo_trainer_state(copy.deepcopy(trained))
+    baseline = "base, eval, no_grad, full log_softmax"
     variants = {
-        "base, eval, no_grad, full log_softmax": scorer(base, batches),
+        baseline: scorer(base, batches),
         "base, selective_log_softmax": scorer(base, batches, method="selective"),
         "base, LM head on completion positions only": scorer(base, batches, method="head"),
         "base, inference_mode": scorer(base, batches, grad="inference_mode"),
@@ -329,10 +332,15 @@ def measure_scoring(args, model_path: Path, tokenizer) -> None:
         "LoRA as left, train mode, grad enabled": scorer(trained, batches, mode="train", grad="enabled"),
         "LoRA as left, trainer state removed, eval": scorer(cleaned, batches),
     }
-    results = interleave(variants, args.repeats)
+    results = interleave(selected(variants, args.only, baseline), args.repeats)
     print_table(f"Scoring {len(pairs)} pairs (chosen + rejected, batch {args.eval_batch}, max_length "
                 f"{args.max_length}), {args.repeats} timed passes each; loadavg at end {fmt_load()}",
-                results, "base, eval, no_grad, full log_softmax")
+                results, baseline)
+
+
+def selected(configs: dict, only: list[str] | None, baseline: str) -> dict:
+    """The configurations whose name contains one of ``only`` (all when None), always with the baseline."""
+    return {k: v for k, v in configs.items() if not only or k == baseline or any(o in k for o in only)}
 
 
 def fmt_load() -> str:
@@ -352,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batch", type=int, default=8, help="sequences per scoring forward")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="project default 0.0")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads (1 makes CPU time a stable measure on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="run only configurations whose name contains one of these (plus the baseline)")
     args = parser.parse_args(argv)
     if not args.data_root.is_dir():
         print(f"data folder {args.data_root} not found; nothing to measure")

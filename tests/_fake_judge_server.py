@@ -19,6 +19,7 @@ the counters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -51,10 +52,8 @@ class Handler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
             self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-            pass
 
     def do_GET(self):
         with LOCK:

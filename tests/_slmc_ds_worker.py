@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _slmc_utils import dpo_config, task_dataset, tiny_lora_model  # noqa: E402
-from conftest import PREFERENCE_ROWS  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from _slmc_utils import dpo_config, task_dataset, tiny_lora_model
+from conftest import PREFERENCE_ROWS
+from transformers import TrainerCallback
 
-from trl_lifealign.slmc import MemoryConsolidationCallback  # noqa: E402
-from trl_lifealign.tiny import train_tokenizer  # noqa: E402
+from trl_lifealign.slmc import MemoryConsolidationCallback
+from trl_lifealign.tiny import train_tokenizer
 
 THETA, LAMBDA = 0.6, 0.3
 

@@ -146,7 +146,8 @@ def test_fpo_config_and_training_show_no_checkpointing_deprecation(tiny_tokenize
         warnings.filterwarnings("error", message=".*checkpointing.* is deprecated", category=FutureWarning)
         args = FPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], max_steps=1,
                          per_device_train_batch_size=4, gradient_checkpointing=True)
-        trainer = FPOTrainer(build_tiny_llama(tiny_tokenizer), args=args, train_dataset=Dataset.from_list(preference_rows),
+        trainer = FPOTrainer(build_tiny_llama(tiny_tokenizer), args=args,
+                             train_dataset=Dataset.from_list(preference_rows),
                              processing_class=tiny_tokenizer, peft_config=LoraConfig(r=2, target_modules=["q_proj"]))
         trainer.train()
     assert args.gradient_checkpointing is True
@@ -182,7 +183,6 @@ def test_replay_means_the_same_for_the_runner_and_the_axolotl_plugin():
 def test_axolotl_args_take_the_library_defaults():
     pytest.importorskip("pydantic")
     from axolotl_plugin.args import LifeAlignArgs
-
     from trl_lifealign.fpo.focal import DEFAULT_FOCAL_GAMMA
     from trl_lifealign.lifelong.replay import DEFAULT_REPLAY_CAPACITY
     from trl_lifealign.slmc import SLMCConfig

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-
 from _axolotl_utils import assert_first_stage_saved_consolidated, copy_tiny_recipe, run_chain
 
 pytestmark = pytest.mark.axolotl
@@ -50,6 +49,21 @@ def test_stage_logs_carry_fpo_metrics(finished_chain):
     # Replay (fraction 0.5 of 6 rows = 3, capped at capacity 2) only from the second stage on.
     assert (first["train_pairs"], first["replayed_pairs"]) == (6, 0)
     assert (second["train_pairs"], second["replayed_pairs"]) == (8, 2)
+
+
+def test_a_seeded_chain_is_reproducible(finished_chain, tmp_path):
+    """The same chain run again (another copy, same seed) saves bit-identical adapters at every stage."""
+    from safetensors.torch import load_file
+
+    root, chain_dir, _ = finished_chain
+    again = copy_tiny_recipe(tmp_path / "tiny")
+    result = run_chain(again / "chain.yml", "--no-validate", "--no-eval")
+    assert result.returncode == 0, result.stdout[-6000:]
+    for name in STAGES:
+        first, second = (load_file(str(d / name / "adapter_model.safetensors"))
+                         for d in (chain_dir, again / "outputs" / "chain"))
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first), f"stage {name} differs between two runs"
 
 
 def test_memory_records_two_consolidations(finished_chain):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from _axolotl_utils import TINY_RECIPE
 
 pytestmark = pytest.mark.axolotl

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _axolotl_utils import REPO, assert_first_stage_saved_consolidated, copy_tiny_recipe, run_chain
 
 pytestmark = [pytest.mark.axolotl, pytest.mark.deepspeed]

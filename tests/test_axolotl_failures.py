@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import yaml
-
 from _axolotl_utils import TINY_RECIPE, axolotl_train, copy_tiny_recipe
 
 pytestmark = pytest.mark.axolotl

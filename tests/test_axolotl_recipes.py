@@ -12,8 +12,7 @@ import json
 import os
 
 import pytest
-
-from _axolotl_utils import REPO, RECIPES
+from _axolotl_utils import RECIPES, REPO
 
 pytestmark = pytest.mark.axolotl
 

@@ -11,7 +11,8 @@ import pytest
 from benchmarks.lifelong import aggregate as bench_aggregate
 from benchmarks.lifelong import cli as bench_cli
 from benchmarks.lifelong import data as bench_data
-from benchmarks.lifelong import harness, render, settings as bench_settings
+from benchmarks.lifelong import harness, render
+from benchmarks.lifelong import settings as bench_settings
 from trl_lifealign.lifelong.metrics import continual_metrics
 from trl_lifealign.lifelong.report import LifelongReport, TaskRecord
 
@@ -110,6 +111,20 @@ def test_aggregate_and_verdict_on_known_numbers():
     assert "| ✓ | ✓ | +2.00 ± 0.00 | 91.00 ± 0.00 |" in markdown
 
 
+def test_recommendation_judges_the_preset_methods():
+    """The defences' bar is checked on the methods `preset: recommended` / `recommended-replay` give."""
+    from trl_lifealign.lifelong.presets import BENCHMARK_METHOD
+
+    initial, records = [0.5, 0.5], []
+    for seed in range(2):
+        records.append(_record(BENCHMARK_METHOD["recommended"], seed, [[0.9, 0.5], [0.91, 0.8]], initial))
+        records.append(_record(BENCHMARK_METHOD["recommended-replay"], seed, [[0.9, 0.5], [0.85, 0.9]], initial))
+        records.append(_record("multi-task", seed, [[0.9, 0.9 - 0.01 * seed]], initial))
+    checks = bench_aggregate.recommendation(bench_aggregate.aggregate(records))
+    assert [(c["check"].split(" (")[0], c["passed"]) for c in checks] == [
+        ("`preset: recommended`", True), ("`preset: recommended`", False), ("`preset: recommended-replay`", False)]
+
+
 def test_bench_end_to_end_and_resume(data_root, tmp_path):
     """Two tiny tasks, LifeAlign + replay and multi-task on the real runner; a second call reuses both runs."""
     settings = bench_settings.apply_settings(bench_settings.BenchSettings(tasks=("alpha", "beta")),
@@ -128,11 +143,14 @@ def test_bench_end_to_end_and_resume(data_root, tmp_path):
     assert len(life["matrix"]) == 2 and len(multi["matrix"]) == 1 and len(multi["matrix"][0]) == 2
     assert life["initial_row"] == [0.5, 0.5] == multi["initial_row"]  # π₀ is the shared warm model
     for record in (life, multi):
+        assert set(record["time_split"]) == {"training", "evaluation"}  # no generation in this setting
+        assert 0 < sum(record["time_split"].values()) <= record["seconds"]
         expected = continual_metrics(record["matrix"], record["initial_row"])
         for key, value in expected.items():
             assert record["metrics"][key] == (None if value is None else pytest.approx(value))
     markdown = (tmp_path / "out" / "bench.md").read_text()
     assert "## Table 1: methods" in markdown and "LifeAlign + replay" in markdown
+    assert "## Where the time goes" in markdown and "| variant | training | evaluation | total |" in markdown
 
     again = harness.run_benchmark(settings, **kwargs)  # resume: nothing re-trained
     assert {r["fingerprint"] for r in again["runs"]} == {r["fingerprint"] for r in payload["runs"]}

@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from _slmc_utils import reference_denoise, rel_err
+
 from trl_lifealign.defences.averaging.math import interpolate, interpolate_lowrank_product, layer_alphas
 from trl_lifealign.defences.budget.math import largest_step_within_budget
 from trl_lifealign.defences.ewc.math import (

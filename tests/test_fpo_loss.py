@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _fpo_utils import focal_reference
+
 from trl_lifealign.fpo import fpo_loss
 
 BETA = 0.5

@@ -7,9 +7,6 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from trl import DPOConfig, DPOTrainer
-
 from _fpo_utils import (
     batch,
     config,
@@ -23,6 +20,9 @@ from _fpo_utils import (
     swapped_params,
     zero_grads,
 )
+from peft import LoraConfig, get_peft_model
+from trl import DPOConfig, DPOTrainer
+
 from trl_lifealign.fpo import FPOConfig, FPOTrainer
 from trl_lifealign.tiny import build_tiny_llama, train_tokenizer
 
@@ -235,7 +235,7 @@ def test_training_raises_heldout_reward_accuracy_and_logs_like_dpo(tmp_path, tok
         train_dataset=dataset(TRAIN_ROWS), eval_dataset=dataset(HELDOUT_ROWS), processing_class=tokenizer,
     )
     dpo_before, _ = _train_and_evaluate(dpo)
-    train_keys = lambda t: {k for entry in t.state.log_history if "loss" in entry for k in entry}  # noqa: E731
+    train_keys = lambda t: {k for entry in t.state.log_history if "loss" in entry for k in entry}
     assert train_keys(dpo) <= train_keys(trainer)
     assert "fpo/focal_weight" in train_keys(trainer)
     assert set(dpo_before) - {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"} <= set(before)

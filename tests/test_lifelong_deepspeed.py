@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _lifelong_utils import recipe_dict, tiny_tokenizer_and_model
 
 pytestmark = pytest.mark.deepspeed

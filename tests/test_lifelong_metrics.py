@@ -78,3 +78,12 @@ def test_replay_random_fraction_fifo_drop_oldest(tmp_path):
         samples.add(tuple(r["prompt"] for r in probe.rows()))
     assert len(samples) > 1  # random, not the first 50% every time
     assert ReplayBuffer(0.0, 10).add_task("a", 0, rows["a"]) == 0
+
+
+def test_metrics_with_cells_left_out():
+    """Generation scored on the diagonal and the last row only: BWT and Last are defined, AP and FWT are not."""
+    matrix = [[0.6, None, None], [None, 0.7, None], [0.5, 0.65, 0.8]]
+    metrics = continual_metrics(matrix, [0.3, 0.4, 0.5])
+    assert metrics["last"] == pytest.approx((0.5 + 0.65 + 0.8) / 3)
+    assert metrics["bwt"] == pytest.approx(((0.5 - 0.6) + (0.65 - 0.7)) / 2)
+    assert metrics["ap"] is None and metrics["fwt"] is None

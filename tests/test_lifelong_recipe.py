@@ -37,7 +37,8 @@ def test_valid_recipe_resolves_paths_and_defaults(tmp_path):
     assert [s.path for s in config.tasks[1].train] == [str(tmp_path / "b/train.json"), str(tmp_path / "c/train.json")]
     assert config.tasks[1].overrides == {"num_train_epochs": 2}
     # Documented defaults.
-    assert config.reference == "previous_task" and config.memory.energy_threshold == 0.9 and config.memory.overlap_weight == 0.5
+    assert config.reference == "previous_task"
+    assert config.memory.energy_threshold == 0.9 and config.memory.overlap_weight == 0.5
     assert config.replay.fraction == 0.0 and config.optimizer == "reset" and not config.sft_warmup.enabled
     assert [e.name for e in config.resolved_eval_sets()] == ["a", "b"]
 
@@ -102,3 +103,39 @@ def test_not_a_mapping(tmp_path):
 def test_shipped_recipes_validate(name):
     config = load_recipe(REPO / "recipes" / "lifelong" / name)
     assert config.tasks and config.output_dir
+
+
+def test_preset_expands_under_the_recipe_keys(tmp_path):
+    recipe = base_recipe()
+    recipe["preset"] = "recommended"
+    del recipe["training"]["focal_gamma"]
+    recipe["defences"] = {"merging": {"method": "linear"}}  # an explicit key wins over the preset's
+    config = load(tmp_path, recipe)
+    assert config.memory.enabled is False and config.training["focal_gamma"] == 0.0
+    assert config.training["learning_rate"] == 1e-3  # the recipe's other training keys are kept
+    assert config.defences.merging.method == "linear"
+    recipe["preset"] = "strongest"
+    with pytest.raises(RecipeError, match=r"preset: unknown preset 'strongest' \(known: recommended"):
+        load(tmp_path, recipe)
+
+
+@pytest.mark.parametrize("preset", ["recommended", "recommended-replay"])
+def test_presets_are_the_benchmark_methods_they_name(tmp_path, preset):
+    """A preset gives exactly the benchmarked method the README's numbers describe."""
+    from benchmarks.lifelong.runs import build_recipe
+    from benchmarks.lifelong.settings import METHODS, BenchSettings
+    from trl_lifealign.lifelong.presets import BENCHMARK_METHOD
+
+    tasks = [{"name": n, "train_file": f"{n}.jsonl", "eval_file": f"{n}-dev.jsonl", "monitor_file": f"{n}-m.jsonl"}
+             for n in ("a", "b")]
+    settings = BenchSettings(tasks=("a", "b"))
+    bench = from_dict(LifelongConfig, build_recipe(METHODS[BENCHMARK_METHOD[preset]], settings, tasks, tmp_path, 0))
+    recipe = base_recipe()
+    del recipe["training"]["focal_gamma"]
+    recipe["preset"] = preset
+    config = load(tmp_path, recipe)
+    assert config.defences == bench.defences and config.memory.enabled == bench.memory.enabled
+    assert config.training["focal_gamma"] == bench.training["focal_gamma"]
+    assert (config.replay is None) == (bench.replay is None)
+    if config.replay is not None:
+        assert config.replay.fraction == bench.replay.fraction

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import yaml
+from _lifelong_utils import recipe_dict, small_config, tiny_tokenizer_and_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from _lifelong_utils import recipe_dict, small_config, tiny_tokenizer_and_model
 from trl_lifealign.lifelong import run_lifelong
 
 
@@ -207,3 +207,24 @@ def test_reference_policy_of_each_task(tmp_path, reference):
     run_lifelong(config, model=model, tokenizer=tokenizer, callbacks=[recorder])
     assert recorder.seen == ([(True, True)] * 2 if reference == "previous_task" else [(False, None)] * 2)
     assert "ref" not in model.peft_config  # the frozen copy never outlives its stage
+
+
+def test_component_metrics_reach_tensorboard(tmp_path):
+    """`report_to: tensorboard`: the trainer's own metrics and every component's group/name metrics (fpo/*, slmc/*,
+    a defence's) land in the event files, with no wiring by the user."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = small_config(tmp_path / "data", tmp_path / "run", sft_warmup={"enabled": False},
+                          defences={"ewc": {"strength": 10.0, "fisher_batches": 1}})
+    config.tasks = config.tasks[:2]
+    config.training.update(report_to=["tensorboard"], logging_steps=1)  # events under each task's trainer dir
+    tokenizer, model = tiny_tokenizer_and_model()
+    run_lifelong(config, model=model, tokenizer=tokenizer, show_progress=False)
+    tags = set()
+    for events in (tmp_path / "run" / "tasks").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/fpo/focal_weight", "train/slmc/conflict", "train/slmc/kept_energy", "train/ewc/penalty",
+            "train/ewc/fisher_mean"} <= tags, sorted(tags)

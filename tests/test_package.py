@@ -58,3 +58,11 @@ def test_cli_help_lists_commands():
 
 def test_version_string():
     assert isinstance(trl_lifealign.__version__, str) and trl_lifealign.__version__
+
+
+def test_fpo_command_shows_the_dpo_script_options():
+    result = subprocess.run([sys.executable, "-m", "trl_lifealign", "fpo", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for option in ("--focal_gamma", "--model_name_or_path", "--dataset_name", "--use_peft"):
+        assert option in result.stdout

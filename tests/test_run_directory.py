@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from _lifelong_utils import recipe_dict, small_config, tiny_tokenizer_and_model
+from safetensors.torch import load_file
 from test_lifelong_run import CrashAtTask, SimulatedCrash
+
 from trl_lifealign.lifelong import run_lifelong
 from trl_lifealign.lifelong.recipe import LifelongConfig, RecipeError, from_dict, load_recipe
 from trl_lifealign.lifelong.state import ConfigurationMismatchError, RunStateError
@@ -124,9 +124,8 @@ def test_a_moved_run_directory_resumes_to_the_same_result(tmp_path):
     reference = _run(_two_tasks(tmp_path, name="clean"))
     assert resumed.margin_matrix == reference.margin_matrix
     for index in (1, 2):
-        a = load_file(str(next((tmp_path / "b" / "tasks").glob(f"0{index}-*")) / "adapter" / "adapter_model.safetensors"))
-        b = load_file(str(next((tmp_path / "clean" / "tasks").glob(f"0{index}-*")) / "adapter" /
-                          "adapter_model.safetensors"))
+        a, b = (load_file(str(next((tmp_path / run / "tasks").glob(f"0{index}-*")) / "adapter" /
+                              "adapter_model.safetensors")) for run in ("b", "clean"))
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from _slmc_utils import (
     FactorRecorder,
     dpo_config,
@@ -18,6 +17,7 @@ from _slmc_utils import (
     task_dataset,
     tiny_lora_model,
 )
+
 from trl_lifealign.slmc import (
     LongTermMemory,
     MemoryConsolidationCallback,

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _slmc_utils import reference_sequence, rel_err
 
 pytestmark = pytest.mark.deepspeed
@@ -63,7 +62,7 @@ def runs(tmp_path_factory):
     import _slmc_ds_worker
 
     _slmc_ds_worker.run("none", root / "single")
-    load = lambda path: torch.load(path, weights_only=False)  # noqa: E731
+    load = lambda path: torch.load(path, weights_only=False)
     return {
         stage: [load(root / "ds" / str(index) / f"rank{rank}.pt") for rank in (0, 1)]
         for index, stage in enumerate(STAGES)

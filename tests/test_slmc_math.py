@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from _slmc_utils import reference_denoise, reference_sequence, rel_err
+
 from trl_lifealign.slmc import consolidate_update, denoise_by_energy, extend_basis, split_by_span
 
 SHAPES = [(4, 48), (40, 4), (8, 8)]  # lora_A-like, lora_B-like, square

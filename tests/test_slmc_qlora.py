@@ -1,11 +1,11 @@
-"""SLMC on a real bitsandbytes 4-bit (QLoRA) base: only the LoRA factors are consolidated, the 4-bit base is untouched."""
+"""SLMC on a real bitsandbytes 4-bit (QLoRA) base: only the LoRA factors are consolidated, the 4-bit base is
+untouched."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
 from _slmc_utils import FactorRecorder, dpo_config, drop_ref_adapter, lora_factors, reference_sequence, task_dataset
 
 pytestmark = pytest.mark.bnb
@@ -21,8 +21,10 @@ def test_qlora_consolidation(tmp_path, tiny_tokenizer, preference_rows):
     from trl_lifealign.tiny import build_tiny_llama
 
     build_tiny_llama(tiny_tokenizer, seed=0).save_pretrained(tmp_path / "base")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, dtype=torch.float32)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
+                                                dtype=torch.float32)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     layer = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")

@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import _slmc_resume_worker as worker
 import pytest
 import torch
 
-import _slmc_resume_worker as worker
 from trl_lifealign.slmc import LongTermMemory, MemoryConsolidationCallback, MemoryFormatError
 from trl_lifealign.slmc import memory as memory_module
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from _slmc_utils import lora_factors, tiny_lora_model
+
 from trl_lifealign.slmc import LongTermMemory, MemoryConsolidationCallback, SLMCConfig
 from trl_lifealign.slmc.memory import MemoryMismatchError
 

@@ -22,6 +22,9 @@ _EXPORTS = {
     "FPOTrainer": "trl_lifealign.fpo",
     "fpo_loss": "trl_lifealign.fpo",
     "MemoryConsolidationCallback": "trl_lifealign.slmc",
+    "SLMCConfig": "trl_lifealign.slmc",
+    "LifeAlignCallback": "trl_lifealign.callbacks",
+    "bind_callbacks": "trl_lifealign.callbacks",
     "DataSource": "trl_lifealign.lifelong",
     "TaskSpec": "trl_lifealign.lifelong",
     "LifelongConfig": "trl_lifealign.lifelong",
@@ -34,6 +37,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from trl_lifealign.callbacks import LifeAlignCallback, bind_callbacks
     from trl_lifealign.fpo import FPOConfig, FPOTrainer, fpo_loss
     from trl_lifealign.lifelong import (
         DataSource,
@@ -44,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
         load_recipe,
         run_lifelong,
     )
-    from trl_lifealign.slmc import MemoryConsolidationCallback
+    from trl_lifealign.slmc import MemoryConsolidationCallback, SLMCConfig
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""``LifeAlignCallback``: the base of every trl-lifealign ``TrainerCallback``, so their metrics reach the user's loggers.
+"""``LifeAlignCallback``: the base of every trl-lifealign ``TrainerCallback``, so their metrics reach the user's
+loggers.
 
 A transformers callback never sees its trainer, so it cannot call ``trainer.log`` (the only route to ``report_to``
 loggers: TensorBoard, W&B, ...). Our trainers (``FPOTrainer`` and everything built on it, the lifelong runner and the

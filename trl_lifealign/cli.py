@@ -39,7 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _passthrough(argv: list[str]) -> list[str] | None:
+    """The arguments after ``fpo`` when that is the command: they belong to TRL's DPO-script parser, whose options
+    (``--help`` included) argparse would otherwise take for ours or reorder."""
+    for index, token in enumerate(argv):
+        if token == "fpo":
+            return argv[index + 1:]
+        if token != "--verbose":
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fpo_arguments = _passthrough(argv)
+    if fpo_arguments is not None:
+        from .fpo.script import run
+
+        try:
+            return int(run(fpo_arguments) or 0)
+        except LifeAlignError as error:
+            if os.environ.get("LIFEALIGN_DEBUG"):
+                raise
+            print(f"lifealign fpo: error: {error}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     from .compat import quiet_third_party

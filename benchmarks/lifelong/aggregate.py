@@ -25,7 +25,18 @@ def run_view(record: dict[str, Any]) -> dict[str, Any]:
     generation = {name: data["metrics"] for name, data in report.generation_metrics().items()}
     return {"matrix": report.matrix(), "initial_row": report.initial(), "metrics": report.metrics,
             "task_names": report.task_names, "eval_names": report.eval_names, "generation": generation,
-            "seconds": sum(task.seconds for task in report.tasks)}
+            "seconds": sum(task.seconds for task in report.tasks), "time_split": _time_split(report.tasks)}
+
+
+def _time_split(tasks) -> dict[str, float] | None:
+    """Seconds per part (training, evaluation, generation, ...) summed over tasks; None if a task lacks them."""
+    if not tasks or not all(task.time_split for task in tasks):
+        return None
+    parts: dict[str, float] = {}
+    for task in tasks:
+        for part, seconds in task.time_split.items():
+            parts[part] = parts.get(part, 0.0) + seconds
+    return parts
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -50,6 +61,9 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 values = [v["generation"][name].get(key) for v in views]
                 entry["generation"][name][key] = {**dict(zip(("mean", "std"), _mean_std(values))), "per_seed": values}
         entry["seconds"] = dict(zip(("mean", "std"), _mean_std([v["seconds"] for v in views])))
+        splits = [v["time_split"] for v in views if v["time_split"]]
+        entry["time_split"] = ({part: statistics.fmean(s.get(part, 0.0) for s in splits) for part in splits[0]}
+                               if splits else None)
         rows, cols = len(views[0]["matrix"]), len(views[0]["matrix"][0])
         entry["matrix"] = [[statistics.fmean(100 * v["matrix"][i][j] for v in views) for j in range(cols)]
                            for i in range(rows)]
@@ -109,45 +123,29 @@ def verdict(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
-
-
-def _uses_replay(variant: str) -> bool:
-    from .settings import METHODS
-
-    return METHODS[variant.split("@", 1)[0]].uses_replay
-
-
-def _beyond_spread(gap: dict[str, Any] | None, threshold: float) -> bool | None:
-    if gap is None or gap["n"] < 2:
-        return None
-    return gap["mean"] >= threshold and gap["mean"] > gap["std"] and gap["consistent"]
-
-
 def recommendation(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The defences' bar: the best data-free variant (no earlier preference pairs kept; the KL anchor keeps prompts
-    only) must reach BWT ≥ 0 and Last within 2 points of multi-task, the best replay variant Last ≥ multi-task's,
-    each judged on seed-paired gaps. The best is the highest mean BWT (data-free) or Last (replay) among the
-    variants that ran."""
+    """The defences' bar, judged on the methods the recipe presets give (``trl_lifealign.lifelong.presets``): the
+    data-free one (no earlier preference pairs kept) must reach BWT ≥ 0 and Last within 2 points of multi-task, the
+    replay one Last ≥ multi-task's, on seed-paired gaps."""
+    from trl_lifealign.lifelong.presets import BENCHMARK_METHOD
+
     if "multi-task" not in summary:
         return []
-    candidates = [v for v in summary if v != "multi-task" and not math.isnan(summary[v]["bwt"]["mean"])]
-    free = [v for v in candidates if not _uses_replay(v)]
-    replay = [v for v in candidates if _uses_replay(v)]
     checks = []
-    if free:
-        best = max(free, key=lambda v: summary[v]["bwt"]["mean"])
-        bwt, last_gap = summary[best]["bwt"], paired_gap(summary, best, "multi-task", "last")
-        checks.append({"check": f"data-free `{best}`: BWT ≥ 0", "passed": bwt["mean"] >= 0,
+    free, replay = BENCHMARK_METHOD["recommended"], BENCHMARK_METHOD["recommended-replay"]
+    if free in summary:
+        bwt, last_gap = summary[free]["bwt"], paired_gap(summary, free, "multi-task", "last")
+        checks.append({"check": f"`preset: recommended` (`{free}`, data-free): BWT ≥ 0", "passed": bwt["mean"] >= 0,
                        "detail": f"BWT {bwt['mean']:+.2f} ± {bwt['std']:.2f} (per seed "
                                  f"{', '.join(f'{v:+.2f}' for v in bwt['per_seed'])})"})
         if last_gap:
-            checks.append({"check": f"data-free `{best}`: Last within 2 points of multi-task",
+            checks.append({"check": f"`preset: recommended` (`{free}`): Last within 2 points of multi-task",
                            "passed": last_gap["mean"] >= -2,
                            "detail": f"paired gap {last_gap['mean']:+.2f} ± {last_gap['std']:.2f}"})
-    if replay:
-        best = max(replay, key=lambda v: summary[v]["last"]["mean"])
-        gap = paired_gap(summary, best, "multi-task", "last")
+    if replay in summary:
+        gap = paired_gap(summary, replay, "multi-task", "last")
         if gap:
-            checks.append({"check": f"with replay `{best}`: Last ≥ multi-task", "passed": gap["mean"] >= 0,
+            checks.append({"check": f"`preset: recommended-replay` (`{replay}`): Last ≥ multi-task",
+                           "passed": gap["mean"] >= 0,
                            "detail": f"paired gap {gap['mean']:+.2f} ± {gap['std']:.2f} over {gap['n']} seeds"})
     return checks

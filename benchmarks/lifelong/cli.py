@@ -115,14 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"lifelong_bench: {error}", file=sys.stderr)
         return 2
-    quick = args.quick or args.preset.endswith("quick") or args.preset.endswith("cpu")
+    from trl_lifealign.compat import quiet_third_party
+
+    words = sys.argv[1:] if argv is None else argv
+    command = "python benchmarks/lifelong_bench.py " + " ".join(shlex.quote(a) for a in words)
+    with quiet_third_party():
+        _run(args, settings, sweeps, Path(data_root), command)
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: BenchSettings, sweeps: list, data_root: Path, command: str) -> None:
+    quick = args.quick or args.preset.endswith(("quick", "cpu"))
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
-    command = "python benchmarks/lifelong_bench.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                                                         else argv))
     run_benchmark(settings, data_root=Path(data_root), eval_root=Path(args.eval_root or data_root),
                   eval_split=args.eval_split, methods=_methods(args.methods), seeds=seeds,
                   output_dir=args.output_dir, sweeps=sweeps, sweep_methods=args.sweep_methods, workers=args.workers,
                   threads=args.threads, fresh=args.fresh, report_only=args.report_only, name=args.name,
                   plots=not args.no_plots, title=args.preset if not args.quick else "tiny-quick",
                   command=command.strip(), log=lambda *parts: print(*parts, flush=True))
-    return 0

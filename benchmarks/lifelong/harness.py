@@ -17,7 +17,10 @@ from .data import TaskData, fingerprint, prepare_task_data, tokenizer_corpus
 from .models import FINGERPRINT_VERSION, build_tokenizer, build_warm_model, warm_model_path, warmup_texts
 from .render import render_markdown, write_plots
 from .runs import RESULT_FILE, run_one
-from .settings import METHODS, BenchSettings, RunSpec, coerce_setting, apply_settings, plan_runs
+from .settings import METHODS, BenchSettings, RunSpec, apply_settings, coerce_setting, plan_runs
+
+# Settings added after stored runs exist (see _key_settings).
+ADDED_SETTINGS = ("bf16_autocast",)
 
 
 @dataclasses.dataclass
@@ -50,10 +53,18 @@ def prepare_models(settings: BenchSettings, data_root: Path, eval_root: Path, ev
             f"{task.train_rows_read}/{task.eval_rows_read}; skipped train {task.train_skipped or 0}, eval "
             f"{task.eval_skipped or 0})")
     if settings.model != "tiny":
-        return tasks, Models(dirs={seed: tokenizer_dir for seed in seeds}, cold=[])
+        return tasks, Models(dirs=dict.fromkeys(seeds, tokenizer_dir), cold=[])
     dirs = {seed: warm_model_path(output_dir, tokenizer_dir, tasks, settings, seed) for seed in seeds}
     cold = sorted(seed for seed, path in dirs.items() if not (path / "warmup.json").is_file())
     return tasks, Models(dirs, cold, tokenizer_dir, warmup_texts(tasks, tokenizer.eos_token) if cold else [])
+
+
+def _key_settings(settings: BenchSettings) -> dict:
+    """The settings a run's cache key holds: a field added after a run was stored enters the key only when it is
+    set away from its default, so that adding a knob keeps every stored run reusable."""
+    defaults = BenchSettings(tasks=settings.tasks)
+    return {k: v for k, v in dataclasses.asdict(settings).items()
+            if not (k in ADDED_SETTINGS and v == getattr(defaults, k))}
 
 
 def _plan_jobs(settings, specs: list[RunSpec], models: Models, tasks: list[TaskData], output_dir: Path,
@@ -64,7 +75,7 @@ def _plan_jobs(settings, specs: list[RunSpec], models: Models, tasks: list[TaskD
     jobs, records = [], []
     for spec in specs:
         run_settings = apply_settings(settings, dict(spec.overrides))
-        key = fingerprint({"v": FINGERPRINT_VERSION, "settings": dataclasses.asdict(run_settings),
+        key = fingerprint({"v": FINGERPRINT_VERSION, "settings": _key_settings(run_settings),
                            "method": dataclasses.asdict(METHODS[spec.method]), "seed": spec.seed,
                            "model": models.dirs[spec.seed].name,
                            "data": [(t.name, fingerprint(t.train), fingerprint(t.eval), fingerprint(t.monitor))
@@ -195,6 +206,8 @@ def setup_line(settings: BenchSettings, workers: int, threads: int) -> str:
                  f"{settings.vocab_size}) warmed up {settings.warmup_steps} LM steps")
     else:
         model = f"Pretrained `{settings.model}` ({settings.dtype}), chat template `{settings.chat_template}`"
+    if settings.bf16_autocast:
+        model += ", trained under bf16 autocast (scored in the model's own dtype)"
     return (f"{model}; LoRA r={settings.lora_r} on all linear layers; {settings.pairs} train pairs/task, "
             f"{settings.epochs:g} epochs, batch {settings.batch_size}, lr {settings.learning_rate:g}, "
             f"β={settings.beta:g}, FPO γ={settings.focal_gamma:g}, θ={settings.energy_threshold:g}, "

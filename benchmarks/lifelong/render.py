@@ -11,6 +11,7 @@ from typing import Any
 from .aggregate import recommendation, verdict
 from .settings import SETTING_ALIASES, SHORT_TASK_NAMES, BenchSettings
 
+
 def _fmt(stat: dict[str, Any] | None) -> str:
     if stat is None or stat["mean"] is None or math.isnan(stat["mean"]):
         return "–"
@@ -73,6 +74,21 @@ def _generation_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _time_table(summary: dict[str, Any]) -> list[str]:
+    """Where each run's time goes (mean over seeds, summed over tasks), for the runs that recorded it."""
+    split = {v: e["time_split"] for v, e in summary.items() if e.get("time_split")}
+    if not split:
+        return []
+    parts = list(dict.fromkeys(p for s in split.values() for p in s))
+    lines = ["", "## Where the time goes (s per run, summed over tasks; π₀'s scoring is not included)", "",
+             "| variant | " + " | ".join(p.replace("_", " ") for p in parts) + " | total |",
+             "|---" * (len(parts) + 2) + "|"]
+    for variant, seconds in split.items():
+        lines.append(_table_row([f"`{variant}`", *(f"{seconds.get(p, 0.0):.0f}" for p in parts),
+                                 f"{summary[variant]['seconds']['mean']:.0f}"]))
+    return lines
+
+
 def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     """Tables 1 and 2 in the paper's shape (preference accuracy in points), the defences, the bars, the sweeps."""
     lines = [f"# Lifelong alignment benchmark: {meta['title']}", "", f"Command: `{meta['command']}`", "",
@@ -98,6 +114,7 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += ["", "## Defences and combinations", "", "| variant " + HEADER.rstrip("\n"), "|---" + RULE]
         lines += [_table_row([f"`{v}`", *_method_cells(summary, v)]) for v in others]
     lines += _generation_table(summary)
+    lines += _time_table(summary)
     lines += _checks_table("The bar: LifeAlign", verdict(summary))
     lines += _checks_table("The bar: the recommended recipes", recommendation(summary))
     lines += _sweep_lines(summary)

@@ -40,14 +40,15 @@ def build_recipe(method: BenchMethod, settings: BenchSettings, tasks: list[dict[
             "per_device_train_batch_size": settings.batch_size, "gradient_accumulation_steps": 1,
             "beta": settings.beta, "focal_gamma": settings.focal_gamma if method.fpo else 0.0,
             "max_length": settings.max_length, "lr_scheduler_type": settings.lr_scheduler, "warmup_steps": 0.1,
-            "logging_steps": 10_000, "bf16": False, "gradient_checkpointing": False, "save_strategy": "no",
+            "logging_steps": 10_000, "bf16": settings.bf16_autocast or (settings.dtype == "bfloat16" and _has_cuda()),
+            "gradient_checkpointing": False, "save_strategy": "no",
             "report_to": "none", "use_cpu": not _has_cuda()},
         "memory": {"enabled": True, "energy_threshold": settings.energy_threshold,
                    "overlap_weight": settings.overlap_weight},
         "reference": settings.reference, "optimizer": settings.optimizer, "chat_template": settings.chat_template,
         "evaluation": {"batch_size": settings.eval_batch_size, "max_length": settings.max_length,
                        "generation": settings.generation, "generation_rows": settings.generation_rows,
-                       "max_new_tokens": settings.max_new_tokens},
+                       "generation_cells": settings.generation_cells, "max_new_tokens": settings.max_new_tokens},
     }
     recipe = _merge(base, resolve_recipe(method.recipe, settings))
     budget = recipe.get("defences", {}).get("forgetting_budget")
@@ -66,11 +67,22 @@ def _has_cuda() -> bool:
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Worker entry point: run one (method, seed) with ``run_lifelong`` and store its result atomically."""
+    """Worker entry point: run one (method, seed) with ``run_lifelong`` and store its result atomically.
+
+    Several workers share the terminal: third-party output is silenced (from the first import on), only the
+    benchmark's own lines remain. An interrupted run resumes after its last committed task (the runner checks that
+    nothing else changed).
+    """
     import torch
 
-    torch.set_num_threads(job["threads"])
     from trl_lifealign.compat import quiet_third_party
+
+    torch.set_num_threads(job["threads"])
+    with quiet_third_party():
+        return _run_one(job)
+
+
+def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     from trl_lifealign.lifelong import LifelongConfig, run_lifelong
     from trl_lifealign.lifelong.recipe import from_dict
 
@@ -78,12 +90,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(job["run_dir"])
     recipe = build_recipe(METHODS[job["method"]], settings, job["tasks"], run_dir / "runner", job["seed"])
     recipe["model"] = job["model_dir"]
-    config = from_dict(LifelongConfig, recipe)
     started = time.perf_counter()
-    # Several workers share the terminal: only the benchmark's own lines. An interrupted run resumes after its last
-    # committed task (the runner checks that nothing else changed).
-    with quiet_third_party():
-        result = run_lifelong(config, show_progress=False)
+    result = run_lifelong(from_dict(LifelongConfig, recipe), show_progress=False)
     record = {"fingerprint": job["fingerprint"], "variant": job["variant"], "method": job["method"],
               "seed": job["seed"], "overrides": job["overrides"], "seconds": time.perf_counter() - started,
               "threads": job["threads"], "report": result.report.to_dict()}

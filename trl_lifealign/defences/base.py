@@ -13,6 +13,7 @@ Defences that add a term to the training loss (KL anchor, O-LoRA) implement :met
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,22 @@ from ..adapters import DEFAULT_ADAPTER, lora_factors
 from ..callbacks import LifeAlignCallback
 
 __all__ = ["AuxiliaryLossMixin", "TaskBoundaryCallback", "is_last_step", "read_factors", "write_factors"]
+
+
+def read_versioned_json(path: Path, format_id: tuple[str, int], error: type[Exception], what: str,
+                        producer: str) -> Any:
+    """A defence's JSON state file, checked to be ``format_id`` = (name, version); ``error`` names the file when it
+    is missing (``producer`` is the callback that writes it), truncated or of another format."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"no {what} at {path}: was the previous task trained with {producer} and this state_dir?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as failure:
+        raise error(f"{what} {path} is truncated or corrupt: {failure}") from None
+    found = (data.get("format"), data.get("format_version")) if isinstance(data, dict) else None
+    if found != tuple(format_id):
+        raise error(f"{path} has format {found}; this version reads {tuple(format_id)}")
+    return data
 
 
 def is_last_step(state) -> bool:
@@ -81,6 +98,10 @@ class AuxiliaryLossMixin:
     Put it before the DPO trainer in the bases (``class MyDPO(AuxiliaryLossMixin, DPOTrainer)``) and bind the
     callbacks (``trl_lifealign.bind_callbacks(trainer)``; ``FPOTrainer`` does both).
     """
+
+    def preference_loss(self, model, inputs):
+        """The trainer's own loss, without the auxiliary terms (e.g. for EWC's Fisher)."""
+        return super().compute_loss(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,

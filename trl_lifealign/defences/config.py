@@ -27,7 +27,8 @@ class AveragingConfig:
     """Model averaging at each task boundary ("Mitigating the Alignment Tax of RLHF", arXiv 2309.06256): the adapter
     becomes start + α·(trained − start)."""
 
-    alpha: float = field(default=0.5, metadata={"help": "α in [0, 1]: 1 keeps the trained adapter, 0 the task's start."})
+    alpha: float = field(default=0.5,
+                         metadata={"help": "α in [0, 1]: 1 keeps the trained adapter, 0 the task's start."})
     per_layer: Union[dict[str, float], None] = field(
         default=None, metadata={"help": "α per decoder layer: {'0-3': 0.3, '12-': 0.8, '5': 1.0} (others: alpha)."})
     space: Literal["product", "factors"] = field(

@@ -21,8 +21,8 @@ from trl.trainer import utils as trl_utils
 
 from ..adapters import REF_ADAPTER
 from ..callbacks import bind_callbacks
-from ..defences.base import AuxiliaryLossMixin
 from ..compat import bind_dpo_trainer_arguments, quiet_checkpointing_deprecations, replace_dpo_trainer_argument
+from ..defences.base import AuxiliaryLossMixin
 from .config import FPOConfig, validate_fpo_args
 from .focal import DEFAULT_FOCAL_GAMMA
 from .loss import fpo_loss
@@ -39,7 +39,8 @@ _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 class FPOLossMixin:
     """FPO's loss for any class deriving from `trl.DPOTrainer` (put the mixin before the DPO trainer in the bases).
 
-    Reads the focal exponent as `getattr(self.args, "focal_gamma", DEFAULT_FOCAL_GAMMA)`, so it works with `FPOConfig` and with any
+    Reads the focal exponent as `getattr(self.args, "focal_gamma", DEFAULT_FOCAL_GAMMA)`, so it works with `FPOConfig`
+    and with any
     `DPOConfig` subclass carrying a `focal_gamma` field. Logs every metric `DPOTrainer` logs, plus `fpo/focal_weight`
     (mean focal weight `(1-p)^γ` of the batch's pairs), in train and eval (`eval_fpo/focal_weight`).
     """

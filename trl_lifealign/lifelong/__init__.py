@@ -35,7 +35,7 @@ _EXPORTS = {
     "continual_metrics": "metrics", "preference_accuracy": "metrics",
     "EvalSpec": "config", "EvaluationSettings": "config", "LifelongConfig": "config", "LoraSettings": "config",
     "MemorySettings": "config", "ReplaySettings": "config", "SFTWarmupSettings": "config", "TaskSpec": "config",
-    "RecipeError": "training_values", "load_recipe": "recipe",
+    "RecipeError": "training_values", "load_recipe": "recipe", "RECIPE_PRESETS": "presets", "expand_preset": "presets",
     "ReplayBuffer": "replay",
     "LifelongReport": "report", "TaskRecord": "report",
     "ConfigurationMismatchError": "state", "RunStateError": "state",
@@ -45,14 +45,29 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import (EvalSpec, EvaluationSettings, LifelongConfig, LoraSettings, MemorySettings, ReplaySettings,
-                         SFTWarmupSettings, TaskSpec)
+    from .config import (
+        EvalSpec,
+        EvaluationSettings,
+        LifelongConfig,
+        LoraSettings,
+        MemorySettings,
+        ReplaySettings,
+        SFTWarmupSettings,
+        TaskSpec,
+    )
     from .data import BadRecordError, DataError, DataSource, PreferenceData, load_preference_data
-    from .evaluation import (EvalSet, PreparedEvalSet, evaluate_preferences, initial_policy_logps, prepare_eval_sets,
-                             reference_logps)
+    from .evaluation import (
+        EvalSet,
+        PreparedEvalSet,
+        evaluate_preferences,
+        initial_policy_logps,
+        prepare_eval_sets,
+        reference_logps,
+    )
     from .generation import BLEU4Scorer, RougeLScorer, Scorer, evaluate_generation
     from .judge import JudgeScorer
     from .metrics import continual_metrics, preference_accuracy
+    from .presets import RECIPE_PRESETS, expand_preset
     from .recipe import load_recipe
     from .replay import ReplayBuffer
     from .report import LifelongReport, TaskRecord

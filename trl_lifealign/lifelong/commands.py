@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> int:
     result = run_lifelong(config)
     if distributed.is_main_process():
         m = result.metrics
-        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
         print(f"done in {result.seconds:.1f} s: Last {fmt(m['last'])}  AP {fmt(m['ap'])}  BWT {fmt(m['bwt'])}  "
               f"FWT {fmt(m['fwt'])}\nreport: {result.run_dir / 'report.md'}")
     return 0

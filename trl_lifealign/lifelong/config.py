@@ -130,6 +130,9 @@ class EvaluationSettings:
     max_length: int = field(default=512, metadata={"help": "Truncate prompt+response to this many tokens (>= 1)."})
     generation: bool = field(default=False, metadata={"help": "Also generate greedily and score the answers."})
     generation_rows: int = field(default=16, metadata={"help": "Prompts per eval set for generation metrics."})
+    generation_cells: Literal["all", "diagonal_and_last"] = field(
+        default="all", metadata={"help": "Matrix cells generated and scored: 'all', or only each task's own set and "
+                                         "the last row (what BWT and Last need; much cheaper)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length for generation metrics."})
     scorers: list[str] = field(
         default_factory=lambda: ["bleu4", "rougeL"],
@@ -147,6 +150,9 @@ class EvaluationSettings:
         _number(self.max_length, "evaluation.max_length", 1, integer=True)
         _number(self.generation_rows, "evaluation.generation_rows", 1, integer=True)
         _number(self.max_new_tokens, "evaluation.max_new_tokens", 1, integer=True)
+        if self.generation_cells not in ("all", "diagonal_and_last"):
+            raise RecipeError(f"evaluation.generation_cells: expected 'all' or 'diagonal_and_last', got "
+                              f"{self.generation_cells!r}")
         for scorer in self.scorers:
             if scorer not in KNOWN_SCORERS:
                 raise RecipeError(f"evaluation.scorers: unknown scorer {scorer!r} (known: {', '.join(KNOWN_SCORERS)})")
@@ -230,7 +236,8 @@ class LifelongConfig:
                                         "in-memory model to run_lifelong)."}
     )
     tokenizer: Union[str, None] = field(default=None, metadata={"help": "Tokenizer path or id (default: `model`)."})
-    torch_dtype: str = field(default="float32", metadata={"help": f"Dtype to load `model` in ({', '.join(TORCH_DTYPES)})."})
+    torch_dtype: str = field(default="float32",
+                             metadata={"help": f"Dtype to load `model` in ({', '.join(TORCH_DTYPES)})."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA / QLoRA settings."})
     training: dict[str, Any] = field(
         default_factory=dict,
@@ -327,9 +334,13 @@ def _check_defences(config: LifelongConfig) -> None:
         if config.reference != "base":
             raise RecipeError("defences.olora: needs reference: base (with one adapter per task, TRL's 'ref' copy of "
                               "the default adapter is not the policy as the task starts)")
+        if config.optimizer == "carry":
+            raise RecipeError("defences.olora: cannot be combined with optimizer: carry (each task trains a freshly "
+                              "initialised adapter, so the previous task's AdamW moments do not belong to it)")
         clash = [name for name in _SINGLE_ADAPTER if getattr(defences, name) is not None]
         if config.memory.enabled or clash:
-            raise RecipeError(f"defences.olora: cannot be combined with {clash or ['memory (SLMC)']}: O-LoRA keeps each "
+            raise RecipeError(f"defences.olora: cannot be combined with {clash or ['memory (SLMC)']}: O-LoRA keeps "
+                              "each "
                               "task in an adapter of its own, the others act on one adapter across tasks")
     budget = defences.forgetting_budget
     if budget is not None and len(budget.monitor_sets) != len(config.tasks):

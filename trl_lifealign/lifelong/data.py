@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from ..errors import LifeAlignError
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -48,7 +49,8 @@ class DataSource:
     must be given.
 
     Example: the LifeAlign files use `query`/`chosen`/`rejected`:
-    `DataSource(path="hh-rlhf-helpful-base/train.json", columns={"query": "prompt"}, strip_response_prefix="Assistant:")`.
+    `DataSource(path="hh-rlhf-helpful-base/train.json", columns={"query": "prompt"},
+    strip_response_prefix="Assistant:")`.
     """
 
     path: str | None = field(default=None, metadata={"help": "Local .json (list of objects), .jsonl or .parquet file."})
@@ -226,9 +228,9 @@ def load_preference_data(source: DataSource, skip_bad_rows: bool = False) -> Pre
         collision = next((k for k, t in source.columns.items() if k in raw and t in raw and t not in source.columns),
                          None)
         if collision is not None:
-            raise DataError(f"{source.origin} row {row_index}: column {collision!r} is mapped to "
-                            f"{source.columns[collision]!r}, but the record already has a {source.columns[collision]!r} "
-                            "column; map or drop one of them")
+            target = source.columns[collision]
+            raise DataError(f"{source.origin} row {row_index}: column {collision!r} is mapped to {target!r}, but the "
+                            f"record already has a {target!r} column; map or drop one of them")
         record = {source.columns.get(key, key): value for key, value in raw.items()}
         reasons = [r for r in (_check_value(name, record.get(name)) for name in FIELDS) if r]
         if reasons:

@@ -22,6 +22,7 @@ from .demo_tasks import (  # noqa: F401  (re-exported: the demo's data, used by 
     write_demo_data,
 )
 
+
 def run_demo(output_dir: str | Path, train_per_task: int | None = None, eval_per_task: int = 12,
              epochs: float | None = None, quiet: bool = False, model: str = "tiny") -> dict[str, Any]:
     """Run both methods on the demo tasks; returns {"dpo": LifelongResult, "lifealign": LifelongResult, "seconds"}.

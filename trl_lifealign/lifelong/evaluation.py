@@ -88,8 +88,8 @@ def prepare_eval_sets(tokenizer, eval_sets: Sequence[EvalSet], max_length: int |
         if not examples:
             raise ValueError(f"eval set {eval_set.name!r}: every prompt fills evaluation.max_length={max_length} on "
                              "its own, so no pair can be scored; raise max_length")
-        prepared.append(PreparedEvalSet(eval_set.name, examples, kept, len(eval_set.rows), pad if pad is not None else 0, max_length,
-                                        eval_set.rows))
+        prepared.append(PreparedEvalSet(eval_set.name, examples, kept, len(eval_set.rows),
+                                        pad if pad is not None else 0, max_length, eval_set.rows))
     return prepared
 
 

@@ -42,7 +42,8 @@ def _check_matrix(matrix: Sequence[Sequence[float]], initial_row: Sequence[float
     return n_rows
 
 
-def continual_metrics(matrix: Sequence[Sequence[float]], initial_row: Sequence[float] | None = None) -> dict:
+def continual_metrics(matrix: Sequence[Sequence[float | None]],
+                      initial_row: Sequence[float | None] | None = None) -> dict:
     """Last, AP, BWT and FWT of an N×M evaluation matrix (M ≥ N, column j = task j's evaluation set).
 
     - Last = mean of the final row (over all M columns).
@@ -50,12 +51,24 @@ def continual_metrics(matrix: Sequence[Sequence[float]], initial_row: Sequence[f
     - BWT  = (1/(N−1)) Σ_{j<N} (R[N][j] − R[j][j])   (negative = forgetting); None if N = 1.
     - FWT  = (1/(N−1)) Σ_{j>1} (R[j−1][j] − R0[j])   (zero-shot gain on the next task); None if N = 1 or no
       `initial_row`.
+
+    A cell may be None (not evaluated, e.g. generation metrics scored on the diagonal and the last row only): a
+    metric that needs a missing cell is None.
     """
     n = _check_matrix(matrix, initial_row)
-    last = sum(matrix[-1]) / len(matrix[-1])
-    ap = sum(sum(matrix[k][: k + 1]) / (k + 1) for k in range(n)) / n
-    bwt = sum(matrix[n - 1][j] - matrix[j][j] for j in range(n - 1)) / (n - 1) if n > 1 else None
+
+    def known(*cells) -> bool:
+        return all(cell is not None for cell in cells)
+
+    last = sum(matrix[-1]) / len(matrix[-1]) if known(*matrix[-1]) else None
+    seen = [matrix[k][: k + 1] for k in range(n)]
+    ap = sum(sum(row) / len(row) for row in seen) / n if all(known(*row) for row in seen) else None
+    bwt_cells = [(matrix[n - 1][j], matrix[j][j]) for j in range(n - 1)]
+    bwt = (sum(a - b for a, b in bwt_cells) / (n - 1)
+           if n > 1 and all(known(a, b) for a, b in bwt_cells) else None)
     fwt = None
     if n > 1 and initial_row is not None:
-        fwt = sum(matrix[j - 1][j] - initial_row[j] for j in range(1, n)) / (n - 1)
+        fwt_cells = [(matrix[j - 1][j], initial_row[j]) for j in range(1, n)]
+        if all(known(a, b) for a, b in fwt_cells):
+            fwt = sum(a - b for a, b in fwt_cells) / (n - 1)
     return {"last": last, "ap": ap, "bwt": bwt, "fwt": fwt}

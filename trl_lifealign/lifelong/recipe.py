@@ -23,6 +23,7 @@ from .config import (  # noqa: F401  (re-exported: the recipe's schema)
     SFTWarmupSettings,
     TaskSpec,
 )
+from .presets import expand_preset
 from .training_values import RecipeError
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,6 +181,6 @@ def load_recipe(path: str | Path) -> LifelongConfig:
         if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
             data[key] = str(base / value)
     try:
-        return from_dict(LifelongConfig, data)
+        return from_dict(LifelongConfig, expand_preset(data))
     except RecipeError as error:
         raise RecipeError(f"{path}: {error}") from error

@@ -22,6 +22,7 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 HEATMAP_PNG = "matrix_accuracy.png"
 CURVES_PNG = "accuracy_curves.png"
+_HINT_SHOWN = False  # the hint is printed once per process
 PLOTS_HINT = "plots skipped: matplotlib is not installed (pip install 'trl-lifealign[eval]' for PNG plots)"
 
 
@@ -36,6 +37,9 @@ class TaskRecord:
     dropped_pairs: int = field(default=0, metadata={"help": "Training pairs TRL dropped (prompt fills max_length)."})
     skipped_rows: int = 0
     seconds: float = 0.0
+    time_split: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "Seconds of the task's parts: sft_warmup, training (boundary work of callbacks included), "
+                "evaluation (preference scoring), generation (greedy answers and their scorers)."})
     dir: str | None = None
     train_loss: float | None = None
     steps: int | None = None
@@ -79,15 +83,13 @@ class LifelongReport:
 
     def generation_metrics(self) -> dict[str, dict[str, Any]]:
         """Per generation scorer: its matrix, initial row and Last/AP/BWT/FWT (None where a value is missing)."""
-        if not self.tasks or not self.tasks[0].generation:
-            return {}
+        cells = [cell for task in self.tasks for cell in (task.generation or [])]
+        names = sorted({k for cell in cells for k in cell if k not in _GENERATION_EXTRAS})
         out = {}
-        for name in (k for k, v in self.tasks[0].generation[0].items() if k not in _GENERATION_EXTRAS):
+        for name in names:
             matrix = [[cell.get(name) for cell in task.generation] for task in self.tasks]
             initial = [cell.get(name) for cell in self.initial_generation] if self.initial_generation else None
-            complete = all(v is not None for row in matrix for v in row) and (initial is None or None not in initial)
-            metrics = continual_metrics(matrix, initial) if complete else dict.fromkeys(("last", "ap", "bwt", "fwt"))
-            out[name] = {"matrix": matrix, "initial_row": initial, "metrics": metrics}
+            out[name] = {"matrix": matrix, "initial_row": initial, "metrics": continual_metrics(matrix, initial)}
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +109,10 @@ class LifelongReport:
         return cls(**values)
 
 
+def _time_split(split: dict[str, float]) -> str:
+    return ", ".join(f"{part.replace('_', ' ')} {seconds:.1f}" for part, seconds in split.items()) or "–"
+
+
 _GENERATION_EXTRAS = ("empty_answers", "answers", "judge_summary")
 
 
@@ -117,7 +123,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def matrix_markdown(matrix: list[list[float | None]], task_names: list[str], eval_names: list[str],
                     initial_row: list[float | None] | None = None) -> str:
     """A Markdown table: rows = after task i, columns = eval set j."""
-    cell = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    cell = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = ["| after \\ eval | " + " | ".join(eval_names) + " |", "|---" * (len(eval_names) + 1) + "|"]
     if initial_row is not None:
         lines.append("| (start) | " + " | ".join(cell(v) for v in initial_row) + " |")
@@ -147,12 +153,12 @@ def render_markdown(report: LifelongReport, plots: list[str]) -> str:
                   matrix_markdown(data["matrix"], report.task_names, report.eval_names, data["initial_row"]), "",
                   *_metrics_table(data["metrics"], 2)]
     parts += ["## Per task", "", "| task | pairs | replayed | dropped (too long) | skipped rows | train loss | "
-              "SLMC kept energy | SLMC conflict | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+              "SLMC kept energy | SLMC conflict | seconds | of which |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task in report.tasks:
         consolidation = task.consolidation or {}
         parts.append(f"| {task.name} | {task.train_pairs} | {task.replayed_pairs} | {task.dropped_pairs} | "
                      f"{task.skipped_rows} | {_fmt(task.train_loss, 4)} | {_fmt(consolidation.get('kept_energy'))} | "
-                     f"{_fmt(consolidation.get('conflict'))} | {task.seconds:.1f} |")
+                     f"{_fmt(consolidation.get('conflict'))} | {task.seconds:.1f} | {_time_split(task.time_split)} |")
     parts.append("")
     parts += [f"![{Path(p).stem}]({p})" for p in plots] or [PLOTS_HINT]
     return "\n".join(parts) + "\n"
@@ -203,10 +209,12 @@ def write_report(run_dir: str | Path, report: LifelongReport, plots: bool = True
     """
     import sys
 
+    global _HINT_SHOWN
     run_dir = Path(run_dir)
     pngs = plot_report(report, run_dir) if plots else []
-    if plots and not pngs:
+    if plots and not pngs and not _HINT_SHOWN:
         print(f"lifealign: {PLOTS_HINT}", file=sys.stderr)
+        _HINT_SHOWN = True
     atomic_write_text(run_dir / REPORT_JSON, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     atomic_write_text(run_dir / REPORT_MD, render_markdown(report, [p.name for p in pngs]))
     return [run_dir / REPORT_JSON, run_dir / REPORT_MD, *pngs]

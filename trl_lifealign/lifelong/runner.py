@@ -25,8 +25,15 @@ from typing import Any
 import torch
 
 from .. import distributed as dist
-from ..adapters import (ADAPTER_WEIGHTS, adapter_state, load_adapter_file, load_adapter_state, load_base_model,
-                        save_adapter, wrap_lora)
+from ..adapters import (
+    ADAPTER_WEIGHTS,
+    adapter_state,
+    load_adapter_file,
+    load_adapter_state,
+    load_base_model,
+    save_adapter,
+    wrap_lora,
+)
 from ..atomic import atomic_copytree, atomic_write_json
 from .config import LifelongConfig
 from .data import PreferenceData, as_conversation, load_preference_data
@@ -162,8 +169,8 @@ class _LifelongRun:
         loaded = []
         for spec in budget.monitor_sets:
             data = load_preference_data(spec.source, self.config.skip_bad_rows)
-            loaded.append((EvalSet(spec.name, [as_conversation(r) for r in data.rows] if chat else data.rows),
-                           data.digest()))
+            rows = [as_conversation(r) for r in data.rows] if chat else data.rows
+            loaded.append((EvalSet(f"monitor/{spec.name}", rows), data.digest()))  # apart from the matrix columns
         return loaded
 
     def _open_state(self, fingerprints: dict[str, str]) -> None:
@@ -202,6 +209,9 @@ class _LifelongRun:
         if self.scorers and "initial_generation" not in self.state:
             results = self._generate(self.model)
             self.state["initial_generation"] = [r.summary() for r in results]
+            if self.main:  # π₀'s answers, readable next to every task's generations.json
+                atomic_write_json(self.directory.path / "initial_generations.json",
+                                  self._generation_records(results), default=str)
 
     def _restore(self) -> None:
         """The adapter, SLMC memory, replay buffer and optimizer state of the last committed task."""
@@ -285,11 +295,13 @@ class _LifelongRun:
         if self.memory is not None:
             self.memory.begin_task(self.model)
         if config.sft_warmup.enabled:
+            warmup_started = time.perf_counter()
             record.sft_warmup = sft_warmup(config, self.model, self.tokenizer, rows, index, task_dir / "sft_trainer",
                                            self.show)
             _set_all_seeds(config.seed + index)
             if self.rebuild_per_stage:
                 self.model = self._rebuilt()
+            record.time_split["sft_warmup"] = time.perf_counter() - warmup_started
         from trl_lifealign.defences.factory import ordered_callbacks
 
         for defence in self.defences.values():
@@ -297,28 +309,47 @@ class _LifelongRun:
         if "olora" in self.defences:
             self.defences["olora"].prepare_model(self.model, index)
         callbacks = self.callbacks + ordered_callbacks(self.defences, self.memory)
+        training_started = time.perf_counter()
         stage = preference_stage(config, self.model, self.tokenizer, rows, index, task_dir / "trainer", callbacks,
                                  self.show, self.optimizer_state)
         self.optimizer_state = stage.optimizer_state
+        record.time_split["training"] = time.perf_counter() - training_started
         record.train_loss, record.steps, record.dropped_pairs = stage.train_loss, stage.steps, stage.dropped_pairs
         if self.memory is not None:
             record.consolidation = {k: v for k, v in asdict(self.memory.last_report).items() if k != "factors"}
         record.defences = {name: defence.summary() for name, defence in self.defences.items()}
         self._evaluate_and_commit(index, record, task_dir, own_rows, started)
 
-    def _generate(self, model):
+    def _generate(self, model, task_index: int | None = None):
+        """Generation results per eval set (None for a cell the schedule skips: with ``diagonal_and_last`` only the
+        task's own set is generated for, and every set after the last task)."""
         evaluation = self.config.evaluation
-        return evaluate_generation(model, self.tokenizer, self.eval_sets, self.scorers, evaluation.generation_rows,
-                                   evaluation.max_new_tokens, evaluation.batch_size)
+        columns = range(len(self.eval_sets))
+        if evaluation.generation_cells == "diagonal_and_last" and task_index is not None \
+                and task_index < len(self.config.tasks) - 1:
+            columns = [task_index] if task_index < len(self.eval_sets) else []
+        results = evaluate_generation(model, self.tokenizer, [self.eval_sets[j] for j in columns], self.scorers,
+                                      evaluation.generation_rows, evaluation.max_new_tokens, evaluation.batch_size)
+        by_column = dict(zip(columns, results))
+        return [by_column.get(j) for j in range(len(self.eval_sets))]
+
+    def _generation_records(self, generations) -> list[dict]:
+        return [{"eval_set": s.name, "prompts": g.prompts, "answers": g.answers, "references": g.references}
+                for s, g in zip(self.eval_sets, generations) if g is not None]
 
     def _evaluate_and_commit(self, index: int, record: TaskRecord, task_dir: Path, own_rows: list, started: float):
         weights = adapter_state(self.model)
         if "olora" in self.defences:  # every task adapter, as one loadable folder (a collective: all ranks)
             self.defences["olora"].save(self.model, task_dir / "adapter")
+        evaluation_started = time.perf_counter()
         record.row = evaluate_preferences(self.model, self.prepared, self.initial_logps,
                                           self.config.evaluation.batch_size, self.show)
-        generations = self._generate(self.model) if self.scorers else []
-        record.generation = [g.summary() for g in generations] or None
+        record.time_split["evaluation"] = time.perf_counter() - evaluation_started
+        generation_started = time.perf_counter()
+        generations = self._generate(self.model, index) if self.scorers else []
+        if self.scorers:
+            record.time_split["generation"] = time.perf_counter() - generation_started
+        record.generation = [g.summary() if g is not None else {} for g in generations] or None
         self.replay.add_task(record.name, index, own_rows)
         record.seconds = time.perf_counter() - started
         if self.main:
@@ -331,10 +362,8 @@ class _LifelongRun:
             self.replay.save(task_dir / "replay.json")
             if self.config.optimizer == "carry":
                 torch.save(self.optimizer_state, task_dir / "optimizer.pt")
-            if generations:
-                atomic_write_json(task_dir / "generations.json", [
-                    {"eval_set": s.name, "prompts": g.prompts, "answers": g.answers, "references": g.references}
-                    for s, g in zip(self.eval_sets, generations)], default=str)
+            if any(g is not None for g in generations):
+                atomic_write_json(task_dir / "generations.json", self._generation_records(generations), default=str)
             atomic_write_json(task_dir / "metrics.json", asdict(record), default=str)
         self.completed.append(asdict(record))
         if self.main:

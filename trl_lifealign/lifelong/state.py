@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json, remove_temporaries
-from .config import LifelongConfig
 from ..errors import LifeAlignError
+from .config import LifelongConfig
 
 __all__ = ["ConfigurationMismatchError", "RunDirectory", "RunStateError", "digest", "run_fingerprints"]
 
@@ -103,7 +103,7 @@ class RunDirectory:
         import fcntl
 
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK_FILE, "a+")
+        handle = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

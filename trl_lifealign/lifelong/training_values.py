@@ -16,6 +16,7 @@ import types
 import typing
 from types import SimpleNamespace
 from typing import Any, Literal, Union
+
 from ..errors import LifeAlignError
 
 __all__ = ["RUNNER_OWNED_FIELDS", "RecipeError", "check_training_values"]

@@ -36,8 +36,14 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from .callback import ConsolidationReport, MemoryConsolidationCallback, NonFiniteUpdateError, consolidate_factor
     from .config import SLMCConfig
-    from .math import (ConsolidationResult, DenoiseResult, consolidate_update, denoise_by_energy, extend_basis,
-                       split_by_span)
+    from .math import (
+        ConsolidationResult,
+        DenoiseResult,
+        consolidate_update,
+        denoise_by_energy,
+        extend_basis,
+        split_by_span,
+    )
     from .memory import LongTermMemory, MemoryFormatError, MemoryMismatchError, ModelSpec
 
 

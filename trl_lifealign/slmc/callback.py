@@ -419,10 +419,9 @@ class MemoryConsolidationCallback(LifeAlignCallback):
         from .subspace import factor_side
 
         factors, _ = self._factors(model)
-        if dist.uses_deepspeed() or any(dist.is_sharded(p) for p in factors.values()) or dist.world_size() > 1:
-            raise dist.UnsupportedShardingError(
-                "SLMC project_steps edits every optimizer step's parameter change in place: supported in one process "
-                "only (not DDP, DeepSpeed or FSDP), where the module weights are the optimizer's parameters")
+        dist.refuse_sharded_training(model, "SLMC project_steps", "it edits every optimizer step's parameter change "
+                                     "in place, where the module weights must be the optimizer's parameters",
+                                     self.trainer)
         bases = {name: self.memory.basis(name).T for name in factors}
         self._step_params = factors
         self._bases_for_steps = {name: (bases[name], factor_side(name)) for name in factors}

@@ -74,7 +74,8 @@ class SLMCConfig:
             self.adapter_names = [self.adapter_names]
         if self.adapter_names is not None:
             if not self.adapter_names or not all(isinstance(n, str) and n for n in self.adapter_names):
-                raise ValueError(f"adapter_names: must be a non-empty list of adapter names, got {self.adapter_names!r}")
+                raise ValueError(f"adapter_names: must be a non-empty list of adapter names, got "
+                                 f"{self.adapter_names!r}")
             if "ref" in self.adapter_names:
                 raise ValueError("adapter_names: 'ref' is TRL's frozen reference copy; it cannot be consolidated")
         if self.memory_kind not in MEMORY_KINDS:

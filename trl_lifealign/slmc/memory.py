@@ -12,7 +12,8 @@ Two kinds of memory (``SLMCConfig.memory_kind``):
 - ``subspace``: the leading singular directions of each task's consolidated update, its row space for ``lora_A``
   (width = in_features) and column space for ``lora_B`` (width = out_features); k grows with the kept ranks.
 
-Format version 2 records the kind; version 1 memories (before the kind existed) load as ``paper``. A save writes the data under a new name, then atomically replaces the manifest that points at it,
+Format version 2 records the kind; version 1 memories (before the kind existed) load as ``paper``. A save writes the
+data under a new name, then atomically replaces the manifest that points at it,
 then deletes older data files, so a crash at any moment leaves a manifest pointing at a complete, checksummed file.
 """
 
@@ -331,4 +332,5 @@ def check_spec(stored: ModelSpec, expected: ModelSpec, where: Path | str) -> Non
             )
     for name, shape in expected.factors.items():
         if name not in stored.factors:
-            raise MemoryMismatchError(f"SLMC memory at {where}: model parameter {name} (shape {shape}) is not in memory")
+            raise MemoryMismatchError(f"SLMC memory at {where}: model parameter {name} (shape {shape}) is not in "
+                                      "memory")

@@ -15,9 +15,8 @@ All math runs in float32 (float64 if an input is float64); cast the results back
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import re
+from collections.abc import Iterable, Mapping
 
 import torch
 
