@@ -389,7 +389,9 @@ def test_kl_anchor_memory_term_and_loss(tmp_path, tiny_tokenizer, preference_row
         without = trainer1.compute_loss(model, inputs).item()
         anchor.bind_trainer(trainer1)
     assert kl > 0 and with_anchor - without == pytest.approx(config.weight * kl, rel=1e-4)
-    assert kl == pytest.approx(_reference_kl(model, load_anchor_memory(state_dir)), rel=1e-5)
+    # fp32: the trainer scores the pairs in one padded batch, the reference one by one (another reduction order, and
+    # another matmul blocking with 2 threads), so they agree to ~1e-5 relative, not to the last bit.
+    assert kl == pytest.approx(_reference_kl(model, load_anchor_memory(state_dir)), rel=1e-4)
 
     _check_same_term_with_any_checkpointing(anchor, trainer1, model, inputs)
 
