@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
 
 from trl_lifealign.atomic import atomic_write_json
+from trl_lifealign.lifelong.presets import merged_recipe
 
 from .settings import METHODS, BenchMethod, BenchSettings, resolve_recipe
 
 RESULT_FILE = "bench_run.json"
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def build_recipe(method: BenchMethod, settings: BenchSettings, tasks: list[dict[str, str]], run_dir: Path,
@@ -50,7 +43,7 @@ def build_recipe(method: BenchMethod, settings: BenchSettings, tasks: list[dict[
                        "generation": settings.generation, "generation_rows": settings.generation_rows,
                        "generation_cells": settings.generation_cells, "max_new_tokens": settings.max_new_tokens},
     }
-    recipe = _merge(base, resolve_recipe(method.recipe, settings))
+    recipe = merged_recipe(base, resolve_recipe(method.recipe, settings))
     budget = recipe.get("defences", {}).get("forgetting_budget")
     if budget is not None and not method.multi_task:
         budget["monitor_sets"] = [{"name": t["name"], "source": {"path": t["monitor_file"]}} for t in tasks]

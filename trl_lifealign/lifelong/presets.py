@@ -26,10 +26,12 @@ RECIPE_PRESETS: dict[str, dict[str, Any]] = {
 BENCHMARK_METHOD = {"recommended": "merging", "recommended-replay": "replay-averaging"}
 
 
-def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merged_recipe(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A copy of recipe dict ``base`` with ``top`` laid over it: mappings merged key by key, other values replaced."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged_recipe(out[key], value) if nested else value
     return out
 
 
@@ -41,4 +43,4 @@ def expand_preset(data: dict[str, Any]) -> dict[str, Any]:
     name = data["preset"]
     if name not in RECIPE_PRESETS:
         raise RecipeError(f"preset: unknown preset {name!r} (known: {', '.join(RECIPE_PRESETS)})")
-    return _merged(RECIPE_PRESETS[name], recipe)
+    return merged_recipe(RECIPE_PRESETS[name], recipe)
