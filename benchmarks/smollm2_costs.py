@@ -13,6 +13,11 @@ bf16 autocast (accelerate's forward wrapper, as ``bf16=True`` installs it), weig
 (TRL's default, enabled as ``train()`` enables it). Configurations run in interleaved rounds on identical batches
 so that machine noise hits them alike.
 
+Section ``allocator``: the same bf16-autocast DPO step with glibc's default allocator and with freed memory kept for
+reuse (``trl_lifealign.allocator.reuse_freed_memory``, what our CPU entry points turn on). The setting is
+process-wide, so each round runs one child process per setting (alternating which goes first) and reports seconds
+per step, the user and system CPU seconds of the timed steps and the child's peak resident memory.
+
 Section ``scoring``: seconds to score the evaluation pairs (summed log-probs of chosen and rejected completions, the
 way ``trl_lifealign.lifelong.evaluation.sequence_logps`` does it) under variants that each change one thing: LoRA
 unmerged / merged, full-vocabulary ``log_softmax`` vs ``selective_log_softmax`` vs projecting only completion
@@ -21,6 +26,7 @@ vs grad enabled, bf16 autocast, one thread, and a model exactly as ``DPOTrainer.
 
     python benchmarks/smollm2_costs.py                        # both sections, defaults below
     python benchmarks/smollm2_costs.py --sections scoring --repeats 3
+    python benchmarks/smollm2_costs.py --sections allocator --repeats 2 --steps 8
 """
 
 from __future__ import annotations
@@ -180,6 +186,65 @@ def measure_dpo(args, model_path: Path, tokenizer) -> None:
                 results, "fp32, L=192", notes)
     trainers.clear()
     gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------------- allocator
+
+ALLOCATOR_SPEC = (192, "float32", True, False, False)  # bf16 autocast, L=192: the CPU preset's training step
+
+
+def allocator_child(args, model_path: Path, tokenizer) -> None:
+    """One DPO trainer under one allocator setting: a warm-up step, then ``args.steps`` timed steps (JSON line)."""
+    import resource
+
+    from trl_lifealign.allocator import reuse_freed_memory
+
+    applied = reuse_freed_memory() if args.allocator_child == "reuse" else False
+    rows = load_pairs(args.data_root, "train", args.batch_pairs * (args.steps + 1), args.seed, tokenizer, 192 - 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, batches, _ = build_dpo_trainer(ALLOCATOR_SPEC, model_path, tokenizer, rows, args, tmp)
+        trainer.model.train()
+
+        def step(batch):
+            trainer.training_step(trainer.model, batch)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+        step(batches[0])
+        usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for batch in batches[1:]:
+            step(batch)
+        wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"applied": applied, "seconds_per_step": wall / args.steps,
+                      "user_s": after.ru_utime - usage.ru_utime, "system_s": after.ru_stime - usage.ru_stime,
+                      "peak_rss_gib": after.ru_maxrss / 2**20}))
+
+
+def measure_allocator(args, model_path: Path) -> None:
+    import subprocess
+    import sys
+
+    print(f"\n[allocator] loadavg at start {fmt_load()}")
+    results: dict[str, list[dict]] = {"default": [], "reuse": []}
+    for round_index in range(args.repeats):
+        for mode in (("default", "reuse") if round_index % 2 == 0 else ("reuse", "default")):
+            command = [sys.executable, __file__, "--allocator-child", mode, "--model-path", str(model_path),
+                       "--data-root", str(args.data_root), "--steps", str(args.steps), "--threads", str(args.threads),
+                       "--batch-pairs", str(args.batch_pairs), "--lora-r", str(args.lora_r), "--seed", str(args.seed)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            results[mode].append(json.loads(out.strip().splitlines()[-1]))
+    base = statistics.median(r["seconds_per_step"] for r in results["default"])
+    print(f"\nDPO step under bf16 autocast, L=192, batch {args.batch_pairs} pairs, {args.steps} timed steps per "
+          f"process, {args.repeats} processes per setting; loadavg at end {fmt_load()}")
+    print(f"{'allocator':<34}{'s / step':>10}{'x default':>11}{'user s':>9}{'system s':>10}{'peak RSS GiB':>14}"
+          "  runs: s / step")
+    for mode, label in (("default", "glibc default"), ("reuse", "reuse_freed_memory()")):
+        runs = results[mode]
+        median = {key: statistics.median(r[key] for r in runs) for key in ("seconds_per_step", "user_s", "system_s")}
+        steps = " ".join(f"{r['seconds_per_step']:.2f}" for r in runs)
+        print(f"{label:<34}{median['seconds_per_step']:>10.2f}{median['seconds_per_step'] / base:>11.2f}"
+              f"{median['user_s']:>9.1f}{median['system_s']:>10.1f}{max(r['peak_rss_gib'] for r in runs):>14.2f}"
+              f"  {steps}")
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -351,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", type=Path, default=None, help="HF folder (default: fetch-model smollm2)")
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
-    parser.add_argument("--sections", nargs="+", choices=["dpo", "scoring"], default=["dpo", "scoring"])
+    parser.add_argument("--sections", nargs="+", choices=["dpo", "scoring", "allocator"], default=["dpo", "scoring"])
+    parser.add_argument("--steps", type=int, default=8, help="allocator: timed DPO steps per process")
+    parser.add_argument("--allocator-child", choices=["default", "reuse"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds per configuration (after one warm-up)")
     parser.add_argument("--batch-pairs", type=int, default=4, help="preference pairs per DPO step")
     parser.add_argument("--max-length", type=int, default=192, help="token limit for scoring")
@@ -387,12 +454,17 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import trl
 
+    if args.allocator_child:
+        allocator_child(args, model_path, tokenizer)
+        return 0
     print(f"model {model_path}; torch {torch.__version__}, transformers {transformers.__version__}, trl "
           f"{trl.__version__}, peft {peft.__version__}; threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
     if "dpo" in args.sections:
         measure_dpo(args, model_path, tokenizer)
     if "scoring" in args.sections:
         measure_scoring(args, model_path, tokenizer)
+    if "allocator" in args.sections:
+        measure_allocator(args, model_path)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -125,14 +126,21 @@ def test_recommendation_judges_the_preset_methods():
         ("`preset: recommended`", True), ("`preset: recommended`", False), ("`preset: recommended-replay`", False)]
 
 
-def test_bench_end_to_end_and_resume(data_root, tmp_path):
+def test_bench_end_to_end_and_resume(data_root, tmp_path, monkeypatch):
     """Two tiny tasks, LifeAlign + replay and multi-task on the real runner; a second call reuses both runs."""
+    from trl_lifealign.lifelong import runner
+
+    scored_initial = []
+    score_initial = runner.initial_policy_logps
+    monkeypatch.setattr(runner, "initial_policy_logps",
+                        lambda *a, **k: scored_initial.append(1) or score_initial(*a, **k))
     settings = bench_settings.apply_settings(bench_settings.BenchSettings(tasks=("alpha", "beta")),
                                              {k: str(v) for k, v in TINY.items()})
     kwargs = dict(data_root=data_root, eval_root=data_root, eval_split="dev",
                   methods=["lifealign-replay", "multi-task"], seeds=[0], output_dir=tmp_path / "out", workers=1,
                   plots=False, log=lambda *_: None)
     payload = harness.run_benchmark(settings, **kwargs)
+    assert len(scored_initial) == 1  # the second method reused the first one's π₀ log-probs
 
     data = {d["task"]: d for d in payload["data"]}
     assert data["alpha"]["train_skipped"] == {"field 'rejected' is empty": 1, "chosen is identical to rejected": 1}
@@ -155,6 +163,14 @@ def test_bench_end_to_end_and_resume(data_root, tmp_path):
     again = harness.run_benchmark(settings, **kwargs)  # resume: nothing re-trained
     assert {r["fingerprint"] for r in again["runs"]} == {r["fingerprint"] for r in payload["runs"]}
     assert again["seconds_total"] < payload["seconds_total"]
+    # π₀ is loaded differently in bfloat16: the copied cache's key no longer matches, so it is scored again.
+    bf16 = bench_settings.apply_settings(settings, {"dtype": "bfloat16"})
+    (tmp_path / "bf16" / "runs" / "seq-dpo" / "seed0" / "runner").mkdir(parents=True)
+    shutil.copy(tmp_path / "out" / "runs" / "multi-task" / "seed0" / "runner" / "initial_logps.json",
+                tmp_path / "bf16" / "runs" / "seq-dpo" / "seed0" / "runner" / "initial_logps.json")
+    scored_initial.clear()
+    harness.run_benchmark(bf16, **{**kwargs, "methods": ["seq-dpo"], "output_dir": tmp_path / "bf16"})
+    assert len(scored_initial) == 1
     changed = bench_settings.apply_settings(settings, {"lambda": "0.25"})
     with pytest.raises(RuntimeError, match="different settings"):
         harness.run_benchmark(changed, **kwargs)

@@ -151,3 +151,8 @@ def test_demo_tasks_conflict_and_are_valid(tmp_path):
     paths = write_demo_data(tmp_path, 6, 3)
     data = load_preference_data(DataSource(path=str(paths["polite"]["eval"]), columns={"query": "prompt"}))
     assert len(data.rows) == 3 and data.skipped == {}
+    # A subsequence keeps each task's own rows (the SmolLM2 demo runs concise -> detailed only).
+    pair = make_demo_tasks(6, 3, names=("concise", "detailed"))
+    assert list(pair) == ["concise", "detailed"] and pair["detailed"] == tasks["detailed"]
+    with pytest.raises(ValueError, match="distinct demo tasks"):
+        make_demo_tasks(6, 3, names=("concise", "concise"))

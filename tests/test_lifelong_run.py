@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -228,3 +229,18 @@ def test_component_metrics_reach_tensorboard(tmp_path):
         tags |= set(accumulator.Tags()["scalars"])
     assert {"train/fpo/focal_weight", "train/slmc/conflict", "train/slmc/kept_energy", "train/ewc/penalty",
             "train/ewc/fisher_mean"} <= tags, sorted(tags)
+
+
+def test_runner_progress_shows_no_trainer_bars_when_training_turns_them_off(tmp_path, capfd):
+    """The runner's own task and eval bars only: `disable_tqdm` in `training` holds for the SFT warm-up too."""
+    config = small_config(tmp_path / "data", tmp_path / "run")
+    config.tasks = config.tasks[:1]
+    config.training.update(disable_tqdm=True)
+    tokenizer, model = tiny_tokenizer_and_model()
+    result = run_lifelong(config, model=model, tokenizer=tokenizer, show_progress=True)
+    assert result.report.tasks[0].sft_warmup["steps"] > 0
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert "tasks" in output  # the runner's bar, which has a description
+    assert "train_runtime" not in output  # a trainer's printed log dict
+    assert not re.search(r"(^|[\r\n])\s*\d+%\|", output), output  # a trainer's step bar has none

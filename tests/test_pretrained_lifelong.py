@@ -4,6 +4,7 @@ generation metrics, and SmolLM2 as the local LLM judge (its verdicts scored or c
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -95,3 +96,21 @@ def test_smollm2_as_judge_scores_or_counts_every_item(smollm2_path):
     # The empty answer counts as valid (scored 0); the two others are each scored or counted, never guessed.
     assert result.valid + judged_failures == 3 and result.excluded == judged_failures
     assert [s is None for s in result.scores] == [k is not None and k != "empty_answer" for k in result.kinds]
+
+
+def test_smollm2_demo_prints_answers_from_each_stage(smollm2_path, tmp_path):
+    """`lifealign demo --model smollm2`, shrunk to one step per stage: both methods' matrices and answers."""
+    from trl_lifealign.lifelong.demo import format_comparison, run_demo
+    from trl_lifealign.lifelong.demo_smollm2 import ANSWER_PROMPTS, SMOLLM2_DEMO_TASKS
+
+    results = run_demo(tmp_path / "demo", train_per_task=4, epochs=1.0, quiet=True, model="smollm2")
+    for method in ("dpo", "lifealign"):
+        result = results[method]
+        assert result.task_names == list(SMOLLM2_DEMO_TASKS) and len(result.matrix) == 2
+        assert [task.sft_warmup["steps"] for task in result.report.tasks] == [1, 1]
+        answers = results["answers"][method]
+        assert [len(answers[k]) for k in ("after first task", "at the end")] == [ANSWER_PROMPTS] * 2
+    assert len(results["answers"]["before training"]) == ANSWER_PROMPTS == len(results["prompts"])
+    text = format_comparison(results)
+    assert re.search(r"LifeAlign +after task 1: \S", text) and "sequential DPO at the end" in text
+    assert text.count("Q: Question:") == ANSWER_PROMPTS

@@ -263,3 +263,23 @@ def test_cli_reports_data_and_run_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lifealign train: error:") and "polite/train.json: not UTF-8" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"no EWC state at .*state\.json: was the previous task"),
+    ('{"format": "x", "form', r"EWC state .*state\.json is truncated or corrupt"),
+    ('["not", "a", "dict"]', r"state\.json is not in the EWC state format 'trl-lifealign-ewc'"),
+    ('{"format": "trl-lifealign-ewc", "format_version": 9}', r"has format version 9; this version of trl-lifealign "
+                                                               r"reads versions \[1, 2\]"),
+])
+def test_versioned_state_files_are_checked_with_errors_naming_them(tmp_path, content, message):
+    from trl_lifealign.atomic import read_versioned_json
+
+    path = tmp_path / "state.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(RunStateError, match=message):
+        read_versioned_json(path, "trl-lifealign-ewc", (1, 2), RunStateError, "EWC state",
+                            ": was the previous task trained with EWCCallback?")
+    path.write_text('{"format": "trl-lifealign-ewc", "format_version": 2, "tasks": 3}', encoding="utf-8")
+    assert read_versioned_json(path, "trl-lifealign-ewc", (1, 2), RunStateError, "EWC state")["tasks"] == 3

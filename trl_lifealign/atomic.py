@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a reader sees the old file or the new one, never a half-written one.
+"""Crash-safe file writes: a reader sees the old file or the new one, never a half-written one; and the checked
+reader of the versioned JSON state files those writes produce.
 
 Every write goes to a temporary file in the destination's directory (same filesystem, so the rename is atomic), is
 flushed and fsynced, then renamed over the destination with ``os.replace``. Used for run state, long-term memory,
@@ -116,3 +117,25 @@ def sha256_file(path: str | Path, block_size: int = 1 << 24) -> str:
         for block in iter(lambda: handle.read(block_size), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_versioned_json(path: str | Path, format_name: str, versions: tuple[int, ...], error: type[Exception],
+                        what: str, missing_hint: str = "") -> dict[str, Any]:
+    """A JSON state file checked to hold ``{"format": format_name, "format_version": one of versions, ...}``.
+
+    Raises ``error`` naming the file when it is missing (followed by ``missing_hint``), truncated or corrupt, of
+    another format, or of a version this release does not read.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"no {what} at {path}{missing_hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as failure:
+        raise error(f"{what} {path} is truncated or corrupt: {failure}") from None
+    if not isinstance(data, dict) or data.get("format") != format_name:
+        raise error(f"{path} is not in the {what} format {format_name!r}")
+    if data.get("format_version") not in versions:
+        raise error(f"{path} has format version {data.get('format_version')}; this version of trl-lifealign reads "
+                    f"versions {list(versions)}")
+    return data

@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trl_lifealign.atomic import atomic_write_json
+from trl_lifealign.atomic import atomic_write_json, atomic_write_text
 from trl_lifealign.lifelong.presets import merged_recipe
+from trl_lifealign.lifelong.state import INITIAL_LOGPS_FILE
 
 from .settings import METHODS, BenchMethod, BenchSettings, resolve_recipe
 
@@ -68,11 +69,32 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
+    from trl_lifealign.allocator import reuse_freed_memory
     from trl_lifealign.compat import quiet_third_party
 
     torch.set_num_threads(job["threads"])
+    if not torch.cuda.is_available():
+        reuse_freed_memory()
     with quiet_third_party():
         return _run_one(job)
+
+
+def share_initial_logps(run_dir: Path) -> Path | None:
+    """Start ``run_dir`` with π₀'s cached log-probs from another method's run at the same seed, if one has them.
+
+    Every method of a seed scores the same π₀ on the same eval sets; the runner reuses the copy only if its key
+    (model, loading dtype, tokenizer, evaluation settings and data) matches its own, and recomputes it otherwise.
+    Returns the file copied from, or None.
+    """
+    target = run_dir / "runner" / INITIAL_LOGPS_FILE
+    if target.exists():
+        return None
+    for source in sorted(run_dir.parent.parent.glob(f"*/{run_dir.name}/runner/{INITIAL_LOGPS_FILE}")):
+        if source != target:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(target, source.read_text(encoding="utf-8"))
+            return source
+    return None
 
 
 def _run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +105,7 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(job["run_dir"])
     recipe = build_recipe(METHODS[job["method"]], settings, job["tasks"], run_dir / "runner", job["seed"])
     recipe["model"] = job["model_dir"]
+    share_initial_logps(run_dir)
     started = time.perf_counter()
     result = run_lifelong(from_dict(LifelongConfig, recipe), show_progress=False)
     record = {"fingerprint": job["fingerprint"], "variant": job["variant"], "method": job["method"],

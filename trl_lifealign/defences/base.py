@@ -13,7 +13,6 @@ Defences that add a term to the training loss (KL anchor, O-LoRA) implement :met
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +23,6 @@ from ..adapters import DEFAULT_ADAPTER, lora_factors
 from ..callbacks import LifeAlignCallback
 
 __all__ = ["AuxiliaryLossMixin", "TaskBoundaryCallback", "is_last_step", "read_factors", "write_factors"]
-
-
-def read_versioned_json(path: Path, format_id: tuple[str, int], error: type[Exception], what: str,
-                        producer: str) -> Any:
-    """A defence's JSON state file, checked to be ``format_id`` = (name, version); ``error`` names the file when it
-    is missing (``producer`` is the callback that writes it), truncated or of another format."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise error(f"no {what} at {path}: was the previous task trained with {producer} and this state_dir?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as failure:
-        raise error(f"{what} {path} is truncated or corrupt: {failure}") from None
-    found = (data.get("format"), data.get("format_version")) if isinstance(data, dict) else None
-    if found != tuple(format_id):
-        raise error(f"{path} has format {found}; this version reads {tuple(format_id)}")
-    return data
 
 
 def is_last_step(state) -> bool:

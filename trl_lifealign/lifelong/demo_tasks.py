@@ -31,12 +31,16 @@ def _answers(rng: random.Random, subject: str, fact: str) -> dict[str, str]:
     }
 
 
-def make_demo_tasks(train_per_task: int = 24, eval_per_task: int = 12, seed: int = 0) -> dict[str, dict[str, list]]:
-    """Three conflicting synthetic preference tasks: {name: {"train": rows, "eval": rows}} (prompt/chosen/rejected).
+def make_demo_tasks(train_per_task: int = 24, eval_per_task: int = 12, seed: int = 0,
+                    names: tuple[str, ...] = DEMO_TASKS) -> dict[str, dict[str, list]]:
+    """Conflicting synthetic preference tasks: {name: {"train": rows, "eval": rows}} (prompt/chosen/rejected).
 
-    concise: short ≻ long; polite: polite ≻ rude; detailed: long ≻ short (the opposite of concise).
+    concise: short ≻ long; polite: polite ≻ rude; detailed: long ≻ short (the opposite of concise). ``names`` picks
+    a subsequence of `DEMO_TASKS` (each task keeps its own questions and answers whichever others are picked).
     Train and eval prompts are disjoint questions built from `SUBJECTS` × `FACTS`.
     """
+    if not names or any(name not in DEMO_TASKS for name in names) or len(set(names)) != len(names):
+        raise ValueError(f"names must be distinct demo tasks out of {DEMO_TASKS}, got {names!r}")
     rng = random.Random(seed)
     questions = [(s, f) for s in SUBJECTS for f in FACTS]
     rng.shuffle(questions)
@@ -57,15 +61,15 @@ def make_demo_tasks(train_per_task: int = 24, eval_per_task: int = 12, seed: int
                                 "detailed": ("long", "short")}[name]
             rows.append({"prompt": prompt, "chosen": " " + answers[chosen], "rejected": " " + answers[rejected]})
         tasks[name] = {"train": rows[:train_per_task], "eval": rows[train_per_task:]}
-    return tasks
+    return {name: tasks[name] for name in names}
 
 
 def write_demo_data(directory: str | Path, train_per_task: int = 24, eval_per_task: int = 12, seed: int = 0,
-                    query_column: bool = True) -> dict[str, dict[str, Path]]:
+                    query_column: bool = True, names: tuple[str, ...] = DEMO_TASKS) -> dict[str, dict[str, Path]]:
     """Write the demo tasks as JSON files (`query`/`chosen`/`rejected`, like the paper's files) under `directory`."""
     directory = Path(directory)
     paths: dict[str, dict[str, Path]] = {}
-    for name, splits in make_demo_tasks(train_per_task, eval_per_task, seed).items():
+    for name, splits in make_demo_tasks(train_per_task, eval_per_task, seed, names).items():
         paths[name] = {}
         for split, rows in splits.items():
             path = directory / name / f"{split}.json"

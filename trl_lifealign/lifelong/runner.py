@@ -195,7 +195,9 @@ class _LifelongRun:
         """π₀'s log-probs (cached under a key of everything they depend on) and, if asked, its generation scores."""
         evaluation = self.config.evaluation
         key = digest([fingerprints[k] for k in ("model", "tokenizer", "evaluation", "chat_template")])
-        key = digest([key, fingerprints.get("monitor")])
+        # How the weights are loaded changes π₀ too; the key alone decides whether a cache (possibly copied from
+        # another run of the same model, as the benchmark does) is reused.
+        key = digest([key, fingerprints.get("monitor"), self.config.torch_dtype, self.config.lora.load_in_4bit])
         everything = self.prepared + self.prepared_monitor
         cached = self.directory.read_initial_logps(key)
         if cached is None or set(cached) != {s.name for s in everything}:

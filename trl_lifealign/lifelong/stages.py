@@ -62,7 +62,8 @@ def sft_warmup(config: LifelongConfig, model, tokenizer, rows: list[dict], task_
         "num_train_epochs": settings.num_train_epochs, "max_length": settings.max_length,
         "per_device_train_batch_size": settings.per_device_train_batch_size, "seed": config.seed + task_index,
         "report_to": [], "save_strategy": "no", "logging_steps": 10, "completion_only_loss": True,
-        "disable_tqdm": not show_progress, **shared}), SFTConfig))
+        # Per-step bars as in the preference stage: off when the recipe's training turns them off.
+        "disable_tqdm": bool(config.training.get("disable_tqdm")) or not show_progress, **shared}), SFTConfig))
     dataset = Dataset.from_list([{"prompt": row["prompt"], "completion": row["chosen"]} for row in rows])
     with handed_back_as_received(model), quiet_dataset_progress():
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)

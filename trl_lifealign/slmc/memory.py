@@ -19,7 +19,6 @@ then deletes older data files, so a crash at any moment leaves a manifest pointi
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_json, fsync_dir, sha256_file
+from ..atomic import atomic_write_json, fsync_dir, read_versioned_json, sha256_file
 from ..errors import LifeAlignError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MemoryFormatError", "MemoryMismatchError", "LongTermMemory", "ModelSpec"]
@@ -228,19 +227,8 @@ class LongTermMemory:
 
         memory_dir = Path(memory_dir)
         manifest_path = memory_dir / MANIFEST_NAME
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError:
-            raise MemoryFormatError(f"no SLMC memory manifest at {manifest_path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise MemoryFormatError(f"SLMC memory manifest {manifest_path} is truncated or corrupt: {error}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise MemoryFormatError(f"{manifest_path} is not an SLMC memory manifest (format {FORMAT_NAME!r})")
-        if manifest.get("format_version") not in READABLE_VERSIONS:
-            raise MemoryFormatError(
-                f"{manifest_path} has format version {manifest.get('format_version')}; this version of trl-lifealign "
-                f"reads versions {list(READABLE_VERSIONS)}"
-            )
+        manifest = read_versioned_json(manifest_path, FORMAT_NAME, READABLE_VERSIONS, MemoryFormatError,
+                                       "SLMC memory manifest")
         kind = manifest.get("memory_kind", "paper")
         if kind not in ("paper", "subspace"):
             raise MemoryFormatError(f"{manifest_path} has an unknown memory_kind {kind!r}")

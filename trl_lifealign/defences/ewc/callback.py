@@ -26,10 +26,10 @@ import torch
 
 from ... import distributed as dist
 from ...adapters import lora_factors
-from ...atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from ...atomic import atomic_write_bytes, atomic_write_json, fsync_dir, read_versioned_json
 from ...compat import prepare_trainer_inputs, trainer_metrics_kept
 from ...errors import LifeAlignError
-from ..base import AuxiliaryLossMixin, TaskBoundaryCallback, is_last_step, read_factors, read_versioned_json
+from ..base import AuxiliaryLossMixin, TaskBoundaryCallback, is_last_step, read_factors
 from ..config import EWCConfig
 from .math import FisherAccumulator, add_ewc_grad_, online_fisher
 
@@ -58,8 +58,8 @@ def load_ewc_state(state_dir: str | Path) -> EWCState:
     from safetensors.torch import load
 
     manifest_path = Path(state_dir) / MANIFEST_NAME
-    manifest = read_versioned_json(manifest_path, (FORMAT_NAME, FORMAT_VERSION), EWCStateError, "EWC state",
-                                   "EWCCallback")
+    manifest = read_versioned_json(manifest_path, FORMAT_NAME, (FORMAT_VERSION,), EWCStateError, "EWC state",
+                                   ": was the previous task trained with EWCCallback and this state_dir?")
     try:
         data_name, size, digest = str(manifest["data_file"]), int(manifest["data_bytes"]), str(manifest["data_sha256"])
         task_indices = [int(t) for t in manifest["task_indices"]]

@@ -11,6 +11,7 @@ During a later task every training batch adds ``weight · KL(π_ref ‖ π_θ)``
 batch of the task takes pairs ``i·b …`` in turn), averaged over the answer tokens, where ``π_ref`` is TRL's frozen
 ``ref`` adapter: the policy as the task started (the lifelong runner's ``reference: previous_task``). The reference
 forward runs without gradient; both run in the trainer's mode, precision and activation-checkpointing setting.
+DeepSpeed and sharded (FSDP2) training are refused.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import torch
 
 from ... import distributed as dist
 from ...adapters import REF_ADAPTER
-from ...atomic import atomic_write_json
+from ...atomic import atomic_write_json, read_versioned_json
 from ...errors import LifeAlignError
-from ..base import AuxiliaryLossMixin, TaskBoundaryCallback, is_last_step, read_versioned_json
+from ..base import AuxiliaryLossMixin, TaskBoundaryCallback, is_last_step
 from ..config import KLAnchorConfig
 from .math import token_kl
 
@@ -43,8 +44,8 @@ def load_anchor_memory(state_dir: str | Path) -> list[dict]:
     """The stored pairs ``[{"task_index", "prompt_ids", "answer_ids"}, ...]``, oldest first; :class:`KLAnchorError`
     names the file when it is missing, truncated or not a KL-anchor memory."""
     path = Path(state_dir) / MEMORY_FILE
-    data = read_versioned_json(path, (FORMAT_NAME, FORMAT_VERSION), KLAnchorError, "KL anchor memory",
-                               "KLAnchorCallback")
+    data = read_versioned_json(path, FORMAT_NAME, (FORMAT_VERSION,), KLAnchorError, "KL anchor memory",
+                               ": was the previous task trained with KLAnchorCallback and this state_dir?")
     pairs = data.get("pairs")
     if not isinstance(pairs, list) or not all(isinstance(p, dict) and p.get("prompt_ids") and p.get("answer_ids")
                                               for p in pairs):
@@ -111,6 +112,11 @@ class KLAnchorCallback(TaskBoundaryCallback):
         if self.task_index is None:
             raise RuntimeError("KLAnchorCallback: call start_task(task_index) before training each task")
         trainer = self._require_trainer()
+        if model is not None:
+            # Measured: the anchor's extra forwards break ZeRO-3's gradient partitioning (an assertion in its
+            # reduce epilogue); untested under ZeRO-1/2 and FSDP2.
+            dist.refuse_sharded_training(model, "KLAnchorCallback", "its extra forward passes inside the training "
+                                         "step are not supported by their gradient hooks", trainer, args)
         if self.task_index == 0:
             self.pairs = []
         elif self.pairs is None:
