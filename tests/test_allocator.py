@@ -53,3 +53,15 @@ def test_the_switch_is_validated(monkeypatch):
     monkeypatch.setenv(ENV_SWITCH, "jemalloc")
     with pytest.raises(ValueError, match="LIFEALIGN_CPU_MALLOC must be 'reuse' or 'default', got 'jemalloc'"):
         reuse_freed_memory()
+
+
+def test_on_cpu_the_entry_points_apply_it(monkeypatch):
+    import torch
+
+    from trl_lifealign.allocator import reuse_freed_memory_on_cpu
+
+    monkeypatch.setenv(ENV_SWITCH, "default")
+    assert reuse_freed_memory_on_cpu() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(ENV_SWITCH, "jemalloc")  # would raise if it were consulted
+    assert reuse_freed_memory_on_cpu() is False

@@ -6,8 +6,8 @@ zero-fills them again (system time rivals user time). With every allocation serv
 trimmed, the next step reuses the same pages. The process then keeps its peak heap until it exits.
 
 Our command-line entry points (``lifealign train``, ``lifealign demo``, the benchmark) call
-:func:`reuse_freed_memory` when no GPU is present; ``LIFEALIGN_CPU_MALLOC=default`` turns that off. A Python user
-may call it once at the start of a CPU training process. Standard library only.
+:func:`reuse_freed_memory_on_cpu`, which applies it when no GPU is present; ``LIFEALIGN_CPU_MALLOC=default`` turns
+that off. A Python user may call it once at the start of a CPU training process. Standard library only at import.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import ctypes
 import os
 import platform
 
-__all__ = ["ENV_SWITCH", "reuse_freed_memory"]
+__all__ = ["ENV_SWITCH", "reuse_freed_memory", "reuse_freed_memory_on_cpu"]
 
 ENV_SWITCH = "LIFEALIGN_CPU_MALLOC"
 
@@ -48,3 +48,10 @@ def reuse_freed_memory() -> bool:
         if mallopt(parameter, value) != 1:
             raise RuntimeError(f"glibc mallopt refused {name}={value}")
     return True
+
+
+def reuse_freed_memory_on_cpu() -> bool:
+    """:func:`reuse_freed_memory` when this process sees no CUDA device (GPU training gains nothing from it)."""
+    import torch
+
+    return not torch.cuda.is_available() and reuse_freed_memory()

@@ -69,12 +69,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from trl_lifealign.allocator import reuse_freed_memory
+    from trl_lifealign.allocator import reuse_freed_memory_on_cpu
     from trl_lifealign.compat import quiet_third_party
 
     torch.set_num_threads(job["threads"])
-    if not torch.cuda.is_available():
-        reuse_freed_memory()
+    reuse_freed_memory_on_cpu()
     with quiet_third_party():
         return _run_one(job)
 

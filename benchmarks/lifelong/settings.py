@@ -206,7 +206,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # diagonal and last row (what BWT and Last need). The CPU preset: one seed, sized for the 2-core machine.
     # lr 2e-4: at 5e-4 sequential DPO keeps its preference accuracy but its greedy answers degenerate (repetition
     # after the first task, empty or "assistant" by the fifth; README, real-model benchmark).
-    "smollm2-cpu": {"model": "smollm2", "chat_template": "always", "pairs": 64, "eval_pairs": 32,
+    "smollm2-cpu": {"model": "smollm2", "chat_template": "always", "pairs": 48, "eval_pairs": 32,
                     "max_prompt_tokens": 96, "max_completion_tokens": 64, "learning_rate": 2e-4, "epochs": 2.0,
                     "batch_size": 4, "eval_batch_size": 8, "generation": True, "generation_rows": 12,
                     "generation_cells": "diagonal_and_last", "max_new_tokens": 48, "freeze_layers": 8,

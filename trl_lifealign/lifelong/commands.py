@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..allocator import reuse_freed_memory_on_cpu  # standard library only at import time
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -19,23 +21,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _reuse_freed_memory_on_cpu() -> None:
-    """Our own process: on CPU, keep freed memory for reuse (``trl_lifealign.allocator``; a faster training step)."""
-    import torch
-
-    from ..allocator import reuse_freed_memory
-
-    if not torch.cuda.is_available():
-        reuse_freed_memory()
-
-
 def _train(args: argparse.Namespace) -> int:
     from .. import distributed
     from .recipe import load_recipe
     from .runner import run_lifelong
 
     config = load_recipe(args.recipe)
-    _reuse_freed_memory_on_cpu()
+    reuse_freed_memory_on_cpu()
     if args.output_dir:
         config.output_dir = args.output_dir
     result = run_lifelong(config)
@@ -62,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .demo import format_comparison, run_demo
 
-    _reuse_freed_memory_on_cpu()
+    reuse_freed_memory_on_cpu()
     results = run_demo(args.output_dir, train_per_task=args.pairs, epochs=args.epochs, model=args.model)
     print(format_comparison(results))
     return 0
@@ -88,7 +80,7 @@ def add_commands(subparsers) -> None:
                       help="tiny: a 2-layer model built on the spot (seconds); smollm2: SmolLM2-135M-Instruct, a "
                            "real pretrained model fetched once from PyPI (minutes on a CPU)")
     demo.add_argument("--pairs", type=_positive_int, default=None,
-                      help="training pairs per task (default: 24 tiny, 16 smollm2)")
+                      help="training pairs per task (default: 24)")
     demo.add_argument("--epochs", type=_positive_float, default=None,
-                      help="epochs per task (default: 3 tiny; smollm2: 2 of SFT warm-up, then 2 of preferences)")
+                      help="epochs per task (default: 3; smollm2: 3 of SFT warm-up, then 3 of preferences)")
     demo.set_defaults(func=_demo)
