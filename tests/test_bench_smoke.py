@@ -232,3 +232,21 @@ def test_in_span_share_and_removal():
     assert torch.allclose(geometry.remove_in_span([e1], update, 0.0), torch.tensor([0.0, 4.0, 0.0]))
     assert torch.allclose(geometry.remove_in_span([e1 + e2], update, 0.5), torch.tensor([1.25, 2.25, 0.0]))
     assert torch.allclose(geometry.remove_in_span([], update, 0.0), update)
+
+
+def test_warm_up_in_a_worker_prints_nothing_of_third_parties(tmp_path, tiny_tokenizer):
+    """A spawned warm-up worker (``--workers 2``) shows no import-time notices or "Writing model shards" bars."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    settings = json.dumps({**bench_settings.BenchSettings().__dict__, **TINY, "tasks": ["alpha"]})
+    script = ("import json, sys; from benchmarks.lifelong.models import build_warm_model; "
+              f"build_warm_model({str(tmp_path / 'warm')!r}, {str(tmp_path / 'tok')!r}, ['a b c'] * 8, "
+              f"json.loads(sys.argv[1]), 0, 1)")
+    result = subprocess.run([sys.executable, "-c", script, settings], capture_output=True, text=True, timeout=300,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "warm" / "warmup.json").is_file()
+    assert result.stderr == "" and result.stdout == "", result.stderr + result.stdout

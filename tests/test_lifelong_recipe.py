@@ -109,11 +109,11 @@ def test_preset_expands_under_the_recipe_keys(tmp_path):
     recipe = base_recipe()
     recipe["preset"] = "recommended"
     del recipe["training"]["focal_gamma"]
-    recipe["defences"] = {"merging": {"method": "linear"}}  # an explicit key wins over the preset's
+    recipe["defences"] = {"ewc": {"decay": 0.5}}  # an explicit key wins over the preset's, the rest is kept
     config = load(tmp_path, recipe)
     assert config.memory.enabled is False and config.training["focal_gamma"] == 0.0
     assert config.training["learning_rate"] == 1e-3  # the recipe's other training keys are kept
-    assert config.defences.merging.method == "linear"
+    assert config.defences.ewc.decay == 0.5 and config.defences.ewc.strength == 10000.0
     recipe["preset"] = "strongest"
     with pytest.raises(RecipeError, match=r"preset: unknown preset 'strongest' \(known: recommended"):
         load(tmp_path, recipe)

@@ -55,13 +55,21 @@ def warm_model_path(output_dir: Path, tokenizer_dir: Path, tasks: list[TaskData]
 def build_warm_model(path: str, tokenizer_dir: str, texts: list[str], settings: dict[str, Any], seed: int,
                      threads: int | None = None) -> dict[str, float]:
     """Build the seed's tiny Llama, train it as a causal LM on ``texts`` (transformers' ``Trainer``) and save it with
-    the tokenizer, atomically, at ``path``. Runs in the main process or in a worker (hence plain arguments)."""
+    the tokenizer, atomically, at ``path``. Runs in the main process or in a worker (hence plain arguments); in a
+    worker, third-party output (import-time notices, "Writing model shards" bars) is silenced as in ``run_one``."""
+    from trl_lifealign.compat import quiet_third_party
+
+    with quiet_third_party():
+        return _build_warm_model(path, tokenizer_dir, texts, settings, seed, threads)
+
+
+def _build_warm_model(path: str, tokenizer_dir: str, texts: list[str], settings: dict[str, Any], seed: int,
+                      threads: int | None) -> dict[str, float]:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from trl_lifealign.compat import quiet_dataset_progress
     from trl_lifealign.tiny import build_tiny_llama
 
     if threads:
@@ -72,10 +80,9 @@ def build_warm_model(path: str, tokenizer_dir: str, texts: list[str], settings: 
                              num_attention_heads=config.num_attention_heads,
                              max_position_embeddings=max(512, config.max_length), seed=seed)
     random.Random(seed).shuffle(texts := list(texts))
-    with quiet_dataset_progress():
-        dataset = Dataset.from_dict({"text": texts}).map(
-            lambda batch: tokenizer(batch["text"], add_special_tokens=False, truncation=True,
-                                    max_length=config.max_length), batched=True, remove_columns=["text"])
+    dataset = Dataset.from_dict({"text": texts}).map(
+        lambda batch: tokenizer(batch["text"], add_special_tokens=False, truncation=True,
+                                max_length=config.max_length), batched=True, remove_columns=["text"])
     args = TrainingArguments(
         output_dir=str(Path(path).parent / f".{Path(path).name}.trainer.tmp"), max_steps=config.warmup_steps,
         per_device_train_batch_size=config.warmup_batch_size, learning_rate=config.warmup_learning_rate,

@@ -53,6 +53,8 @@ METHODS: dict[str, BenchMethod] = {m.name: m for m in (
                 {"memory": {"memory_kind": "subspace", "project_steps": True}}),
     BenchMethod("averaging", "Model averaging", _defence("averaging", {"alpha": "$averaging_alpha"})),
     BenchMethod("ewc", "Online EWC", _defence("ewc", {"strength": "$ewc_strength"})),
+    # `preset: recommended`: EWC at the strength the sweep chose, fixed so the preset and the method are one recipe.
+    BenchMethod("ewc-10k", "Online EWC (strength 10000)", _defence("ewc", {"strength": 10000.0})),
     BenchMethod("kl-anchor", "KL anchor (prompts only)", _defence("kl_anchor", {"weight": "$kl_weight"})),
     BenchMethod("freeze", "Freeze lowest layers", _defence("freeze_layers", {"num_layers": "$freeze_layers"})),
     BenchMethod("olora", "O-LoRA (reference: base)",

@@ -15,15 +15,15 @@ from .training_values import RecipeError
 
 # Sequential DPO (γ = 0, no SLMC) plus the defences that did best on the benchmark.
 RECIPE_PRESETS: dict[str, dict[str, Any]] = {
-    # Keeps no earlier preference data: each finished task's adapter is stored and merged with TIES.
+    # Keeps no earlier preference data: online EWC on the LoRA factors (a diagonal Fisher, one adapter's size).
     "recommended": {"training": {"focal_gamma": 0.0}, "memory": {"enabled": False},
-                    "defences": {"merging": {"method": "ties"}}},
+                    "defences": {"ewc": {"strength": 10000.0}}},
     # Keeps a 20% replay sample of every finished task's pairs; each task's update is halved at its end.
     "recommended-replay": {"training": {"focal_gamma": 0.0}, "memory": {"enabled": False},
                            "replay": {"fraction": 0.2},
                            "defences": {"averaging": {"alpha": 0.5}}},
 }
-BENCHMARK_METHOD = {"recommended": "merging", "recommended-replay": "replay-averaging"}
+BENCHMARK_METHOD = {"recommended": "ewc-10k", "recommended-replay": "replay-averaging"}
 
 
 def merged_recipe(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
