@@ -250,3 +250,25 @@ def test_warm_up_in_a_worker_prints_nothing_of_third_parties(tmp_path, tiny_toke
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "warm" / "warmup.json").is_file()
     assert result.stderr == "" and result.stdout == "", result.stderr + result.stdout
+
+
+def test_holdout_split_is_disjoint_fixed_and_capped(tmp_path, data_root):
+    from benchmarks import holdout_split
+
+    counts = bench_data.write_holdout_split(data_root, tmp_path / "a", fraction=0.34)
+    assert counts == {"alpha": (6, 3), "beta": (6, 3)}
+    for task in ("alpha", "beta"):
+        source = json.loads((data_root / task / "train.json").read_text())
+        train = json.loads((tmp_path / "a" / task / "train.json").read_text())
+        held = json.loads((tmp_path / "a" / task / "heldout.json").read_text())
+        # Every source row in exactly one part, each part in source order.
+        assert sorted(map(source.index, train + held)) == list(range(len(source)))
+        assert [source.index(r) for r in train] == sorted(source.index(r) for r in train)
+    assert holdout_split.main(["--data-root", str(data_root), "--output-dir", str(tmp_path / "b"),
+                               "--fraction", "0.34"]) == 0
+    held_a, held_b = ((tmp_path / d / "alpha" / "heldout.json").read_text() for d in ("a", "b"))
+    assert held_a == held_b  # the shuffle is seeded: the same split every time
+    assert bench_data.write_holdout_split(data_root, tmp_path / "c", fraction=0.5, max_pairs=2)["alpha"] == (7, 2)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        bench_data.write_holdout_split(data_root, tmp_path / "d", fraction=1.0)
+    assert holdout_split.main(["--data-root", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "e")]) == 2

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .data import DATA_ENV_VAR, default_data_root
+from .data import DATA_ENV_VAR, data_root_for
 from .harness import run_benchmark
 from .settings import (
     BASE_METHODS,
@@ -104,10 +104,8 @@ def _methods(requested: list[str] | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    data_root = args.data_root or default_data_root()
+    data_root = data_root_for("lifelong_bench", args.data_root)
     if data_root is None:
-        print(f"lifelong_bench: no data; pass --data-root (a folder with <task>/train.json) or set {DATA_ENV_VAR}",
-              file=sys.stderr)
         return 2
     try:
         settings = settings_from_args(args)

@@ -33,6 +33,17 @@ def default_data_root() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
+def data_root_for(program: str, given: Path | None) -> Path | None:
+    """``given`` or the default data folder; ``None`` after telling the user (as ``program``) how to name one."""
+    root = given or default_data_root()
+    if root is None:
+        import sys
+
+        print(f"{program}: no data; pass --data-root (a folder with <task>/train.json) or set {DATA_ENV_VAR}",
+              file=sys.stderr)
+    return root
+
+
 def task_file(root: Path, task: str, split: str) -> Path:
     """The file of ``task``'s ``split`` under ``root`` (``<root>/<task>/<split>.json``/``.jsonl``/``.parquet``)."""
     for suffix in (".json", ".jsonl", ".parquet"):
@@ -180,3 +191,30 @@ def tokenizer_corpus(data_root: Path, tasks: tuple[str, ...], split: str = "trai
         for row in rows:
             texts.extend((row["prompt"], row["chosen"], row["rejected"]))
     return texts
+
+
+def write_holdout_split(data_root: Path, output_dir: Path, fraction: float = 0.2, max_pairs: int = 300,
+                        seed: int = 12345) -> dict[str, tuple[int, int]]:
+    """Split every task's ``train.json`` under ``data_root`` into ``output_dir/<task>/train.json`` and
+    ``heldout.json``: a fixed shuffle holds out ``fraction`` of the rows (at most ``max_pairs``), the rest stay for
+    training, both in source order. Scoring on ``--eval-split heldout`` checks knobs picked on dev on data they were
+    not picked on. Returns ``{task: (train rows, held-out rows)}``."""
+    if not 0 < fraction < 1 or max_pairs < 1:
+        raise ValueError(f"holdout split: fraction must be in (0, 1) and max_pairs >= 1, got {fraction}, {max_pairs}")
+    counts = {}
+    for task_dir in sorted(p for p in Path(data_root).iterdir() if (p / "train.json").is_file()):
+        source = task_dir / "train.json"
+        rows = json.loads(source.read_text(encoding="utf-8-sig"))
+        if not isinstance(rows, list):
+            raise ValueError(f"{source}: expected a JSON list of records")
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        held = set(order[:min(max_pairs, int(len(rows) * fraction + 1e-9))])
+        parts = {"heldout": [r for i, r in enumerate(rows) if i in held],
+                 "train": [r for i, r in enumerate(rows) if i not in held]}
+        for split, part in parts.items():
+            atomic_write_text(Path(output_dir) / task_dir.name / f"{split}.json", json.dumps(part))
+        counts[task_dir.name] = (len(parts["train"]), len(parts["heldout"]))
+    if not counts:
+        raise FileNotFoundError(f"holdout split: no <task>/train.json under {data_root}")
+    return counts

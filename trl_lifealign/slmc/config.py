@@ -60,7 +60,8 @@ class SLMCConfig:
         default=False,
         metadata={"help": "'subspace' memory only: also remove every optimizer step's change of a factor lying in the "
                           "stored subspace (gradient projection during training, as in GPM), not only at the "
-                          "boundary."},
+                          "boundary. The boundary then finds nothing inside the subspace, so overlap_weight (λ) "
+                          "has no effect."},
     )
 
     def __post_init__(self):
