@@ -124,8 +124,10 @@ def quiet_dataset_progress(enabled: bool = True) -> Iterator[None]:
 # Loggers of libraries whose warnings and notices a command-line user cannot act on ("Setting accelerator to CPU",
 # bitsandbytes' optional-kernel notice, TRL's "use_reentrant" hints, ...). DeepSpeed sets its logger's level when it is
 # imported, so a filter (which survives `setLevel`) is used there too.
+# "torch" covers its children that keep the inherited level (torchao's import makes torch.utils._pytree warn about
+# `register_constant` on Enums, torch 2.13).
 _THIRD_PARTY_LOGGERS = ("transformers", "datasets", "accelerate", "peft", "trl", "DeepSpeed", "deepspeed",
-                        "bitsandbytes", "torchao", "torch.distributed", "huggingface_hub", "axolotl")
+                        "bitsandbytes", "torchao", "torch", "torch.distributed", "huggingface_hub", "axolotl")
 _THIRD_PARTY_MODULES = r"(transformers|trl|peft|accelerate|datasets|deepspeed|bitsandbytes|torchao|torch)(\.|$)"
 
 
