@@ -30,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.lifelong.data import default_data_root
+from benchmarks.lifelong.data import data_root_for
 from benchmarks.lifelong.harness import prepare_models
 from benchmarks.lifelong.models import build_warm_model
 from benchmarks.lifelong.runs import build_recipe
@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    data_root = args.data_root or default_data_root()
+    data_root = data_root_for("defence_costs", args.data_root)
     if data_root is None:
-        parser.error("no --data-root and ../shared/data/lifealign not found")
+        return 2
     settings = dataclasses.replace(preset_settings(args.preset, PAPER_ORDER[:args.tasks]), pairs=args.pairs,
                                    eval_pairs=args.eval_pairs, epochs=1.0)
     out = args.output_dir

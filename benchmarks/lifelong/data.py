@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,6 @@ def data_root_for(program: str, given: Path | None) -> Path | None:
     """``given`` or the default data folder; ``None`` after telling the user (as ``program``) how to name one."""
     root = given or default_data_root()
     if root is None:
-        import sys
-
         print(f"{program}: no data; pass --data-root (a folder with <task>/train.json) or set {DATA_ENV_VAR}",
               file=sys.stderr)
     return root
